@@ -1,0 +1,60 @@
+"""poptune: Population Based Training that is correct, fast, persistent and resumable.
+
+Example:
+    >>> import poptune as pt
+    >>> def init(hp, seed): return 0.0
+    >>> def step(x, hp): return x + hp["lr"], x + hp["lr"]
+    >>> exp = pt.Experiment(pt.trainable(init, step), {"lr": pt.Float(0.1, 1.0)},
+    ...                     population_size=4, steps=20, interval=5)
+    >>> exp.run().best.step
+    20
+"""
+
+from poptune.controller import PBT, Decision, MemberState
+from poptune.experiment import Experiment
+from poptune.result import Event, HistoryRecord, MemberRecord, Result, ScheduleStep
+from poptune.space import Choice, Float, Int, Parameter, Space
+from poptune.strategies import (
+    Candidate,
+    Exploit,
+    Explore,
+    FunctionExplore,
+    Perturb,
+    Resample,
+    Tournament,
+    Truncation,
+    TTest,
+)
+from poptune.trainable import FunctionTrainable, Trainable, trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PBT",
+    "Candidate",
+    "Choice",
+    "Decision",
+    "Event",
+    "Experiment",
+    "Exploit",
+    "Explore",
+    "Float",
+    "FunctionExplore",
+    "FunctionTrainable",
+    "HistoryRecord",
+    "Int",
+    "MemberRecord",
+    "MemberState",
+    "Parameter",
+    "Perturb",
+    "Resample",
+    "Result",
+    "ScheduleStep",
+    "Space",
+    "TTest",
+    "Tournament",
+    "Trainable",
+    "Truncation",
+    "__version__",
+    "trainable",
+]

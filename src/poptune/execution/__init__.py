@@ -1,0 +1,1 @@
+"""Runners that train a population: in this process, or with persistent storage and workers."""

@@ -1,0 +1,129 @@
+"""`Experiment`: a PBT run's whole configuration, and `run()` to execute it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from poptune.controller import PBT
+from poptune.result import Result
+from poptune.space import Parameter, Space
+from poptune.strategies.exploit import Exploit, Truncation
+from poptune.strategies.explore import Perturb
+from poptune.trainable import Trainable
+
+__all__ = ["Experiment"]
+
+TrainableFactory = Callable[[Mapping[str, Any], int], Trainable]
+
+
+class Experiment:
+    """A Population Based Training experiment.
+
+    Args:
+        trainable: A `Trainable` subclass, or any callable ``(hparams, seed) -> Trainable``
+            (see `poptune.trainable` for the two-function form).
+        space: The hyperparameters: a dict of names to `Float`, `Int` and `Choice`.
+        population_size: Number of members trained side by side (at least 2).
+        steps: Steps each member trains for.
+        interval: Steps between a member's ready points.
+        burn_in: No member is judged before this step.
+        metric: The key of the metrics dict that is the score (a float returned by ``step`` is
+            taken as this metric).
+        mode: ``"max"`` if a higher score is better, ``"min"`` if lower is.
+        exploit: `Truncation`, `TTest`, `Tournament`, your own `Exploit`, or None for no
+            exploit (with an explore strategy: each ready member explores its own hparams).
+        explore: `Perturb`, `Resample`, a callable ``(hparams, rng) -> dict``, or None.
+        synchronous: Judge whole generations at a barrier instead of each member on arrival.
+        seed: Seeds everything: initial hyperparameters, members' seeds, every decision.
+        initial_hparams: Optional explicit hyperparameters, one dict per member.
+
+    Example:
+        >>> import poptune as pt
+        >>> def init(hp, seed): return 0.0
+        >>> def step(x, hp): return x + hp["lr"], {"score": x + hp["lr"]}
+        >>> exp = pt.Experiment(pt.trainable(init, step), {"lr": pt.Float(0.1, 1.0)},
+        ...                     population_size=4, steps=20, interval=5, seed=1)
+        >>> result = exp.run()
+        >>> len(result.history)
+        80
+    """
+
+    def __init__(
+        self,
+        trainable: type[Trainable] | TrainableFactory,
+        space: Mapping[str, Parameter] | Space,
+        population_size: int = 8,
+        steps: int = 100,
+        interval: int = 4,
+        burn_in: int = 0,
+        metric: str = "score",
+        mode: str = "max",
+        exploit: Exploit | None = Truncation(0.2),  # noqa: B008 (frozen, immutable)
+        explore: object = Perturb(),  # noqa: B008 (frozen, immutable)
+        synchronous: bool = False,
+        seed: int = 0,
+        initial_hparams: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not callable(trainable):
+            raise ValueError(
+                f"`trainable` must be a pt.Trainable subclass or a callable (hparams, seed) -> "
+                f"Trainable, but got {trainable!r}."
+            )
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"`metric` must be a non-empty string, but got {metric!r}.")
+        self.trainable = trainable
+        self.metric = metric
+        # Building a controller validates every other argument, with messages that name them.
+        self._kwargs: dict[str, Any] = dict(
+            space=space,
+            population_size=population_size,
+            interval=interval,
+            burn_in=burn_in,
+            steps=steps,
+            mode=mode,
+            exploit=exploit,
+            explore=explore,
+            synchronous=synchronous,
+            seed=seed,
+            initial_hparams=initial_hparams,
+        )
+        probe = self.controller()
+        if probe.steps is None:
+            raise ValueError("`steps` must be an integer >= 1, but got None.")
+        self.space: Space = probe.space
+        self._kwargs["space"] = probe.space
+        self.population_size: int = probe.population_size
+        self.steps: int = probe.steps
+        self.interval, self.burn_in, self.mode = probe.interval, probe.burn_in, probe.mode
+        self.exploit, self.explore = probe.exploit, probe.explore
+        self.synchronous, self.seed = probe.synchronous, probe.seed
+        self.initial_hparams = initial_hparams
+
+    def controller(self) -> PBT:
+        """A fresh `PBT` controller for this experiment's configuration."""
+        return PBT(**self._kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as JSON-ready data (stored with a run, compared on resume)."""
+        out = self.controller().describe()
+        out["metric"] = self.metric
+        t = self.trainable
+        out["trainable"] = f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
+        out["initial_hparams"] = None if self.initial_hparams is None else [
+            dict(h) for h in self.initial_hparams
+        ]
+        return out
+
+    def run(self) -> Result:
+        """Runs the experiment in this process, in memory, and returns its `Result`."""
+        from poptune.execution.inprocess import run_in_process
+
+        return run_in_process(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Experiment(trainable={self.trainable!r}, population_size={self.population_size}, "
+            f"steps={self.steps}, interval={self.interval}, metric={self.metric!r}, "
+            f"mode={self.mode!r})"
+        )

@@ -1,0 +1,172 @@
+"""What a run leaves: members, history, lineage events, and schedules read from them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Event", "HistoryRecord", "MemberRecord", "Result", "ScheduleStep"]
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A member's final record.
+
+    Attributes:
+        id: Member id.
+        hparams: Its hyperparameters at the end.
+        step: Its step at the end.
+        score: Its latest score (as reported, not oriented).
+        status: running, finished, failed (or interrupted runs: running).
+        replaces: The failed member it replaced, if any.
+    """
+
+    id: int
+    hparams: Mapping[str, Any]
+    step: int
+    score: float | None
+    status: str
+    replaces: int | None = None
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One step of one member: the metrics its `step()` returned and the score read from them."""
+
+    member: int
+    step: int
+    metrics: Mapping[str, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One exploit or explore, in the order they happened.
+
+    Attributes:
+        index: Position in the run's lineage (0, 1, 2...).
+        member: The member that changed.
+        step: Its step when judged.
+        donor: The member whose state and hyperparameters it took (itself for an explore only,
+            None for a fresh replacement).
+        donor_step: Step of the donor's state it loaded.
+        old_hparams: Its hyperparameters before.
+        new_hparams: Its hyperparameters after.
+        operations: What explore did to each hyperparameter it touched.
+        kind: ``"exploit"``, ``"explore"`` or ``"replace"``.
+    """
+
+    index: int
+    member: int
+    step: int
+    donor: int | None
+    donor_step: int | None
+    old_hparams: Mapping[str, Any]
+    new_hparams: Mapping[str, Any]
+    operations: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "exploit"
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    """The hyperparameters that produced ``step``, and the ancestor that trained it."""
+
+    step: int
+    member: int
+    hparams: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything a run produced. Returned by `Experiment.run` and by `poptune.load`.
+
+    Attributes:
+        name: The run's name.
+        mode: ``"max"`` or ``"min"``.
+        metric: The metric that is the score.
+        initial_hparams: Each member's hyperparameters at step 0, by member id.
+        members: Every member's final record, by id.
+        history: One record per member per step, in the order they were trained.
+        events: Every exploit and explore, in order.
+    """
+
+    name: str
+    mode: str
+    metric: str
+    initial_hparams: Mapping[int, Mapping[str, Any]]
+    members: Sequence[MemberRecord]
+    history: Sequence[HistoryRecord]
+    events: Sequence[Event]
+
+    @property
+    def best(self) -> MemberRecord:
+        """The member with the best latest score (failed members excluded; NaN ranks worst)."""
+        pool = [m for m in self.members if m.status != "failed"] or list(self.members)
+
+        def key(m: MemberRecord) -> tuple[float, int]:
+            s = m.score
+            if s is None or not math.isfinite(s):
+                return (math.inf, m.id)
+            return (-s if self.mode == "max" else s, m.id)
+
+        return min(pool, key=key)
+
+    def member(self, member_id: int) -> MemberRecord:
+        """The final record of one member."""
+        for m in self.members:
+            if m.id == member_id:
+                return m
+        raise KeyError(f"No member {member_id!r} in run {self.name!r}.")
+
+    def schedule(self, member_id: int | None = None) -> list[ScheduleStep]:
+        """The hyperparameters in force at every step along a member's ancestry.
+
+        Walks back from the member's final state through every exploit that made it, so the
+        schedule says, for each step ``1 .. final step``, which ancestor trained that step and
+        with which hyperparameters: the schedule to replay from scratch.
+
+        Args:
+            member_id: The member; the best member when None.
+        """
+        if member_id is None:
+            member_id = self.best.id
+        end = self.member(member_id).step
+        by_member: dict[int, list[Event]] = {}
+        for ev in self.events:
+            by_member.setdefault(ev.member, []).append(ev)
+        segments: list[tuple[int, int, int, Mapping[str, Any]]] = []
+        current, limit = member_id, len(self.events)
+        while True:
+            earlier = [ev for ev in by_member.get(current, []) if ev.index < limit]
+            if not earlier:
+                segments.append((0, end, current, self.initial_hparams[current]))
+                break
+            ev = earlier[-1]
+            start = ev.donor_step if ev.donor_step is not None else 0
+            segments.append((start, end, current, ev.new_hparams))
+            if ev.donor is None:  # a fresh replacement: its ancestry starts here
+                break
+            current, end, limit = ev.donor, start, ev.index
+        out: list[ScheduleStep] = []
+        for start, stop, member, hparams in reversed(segments):
+            out.extend(ScheduleStep(s, member, hparams) for s in range(start + 1, stop + 1))
+        return out
+
+    def lineage(self, member_id: int | None = None) -> list[Event]:
+        """The events that made a member's final state, oldest first."""
+        if member_id is None:
+            member_id = self.best.id
+        chain: list[Event] = []
+        current, limit = member_id, len(self.events)
+        while True:
+            earlier = [ev for ev in self.events if ev.member == current and ev.index < limit]
+            if not earlier:
+                break
+            ev = earlier[-1]
+            chain.append(ev)
+            if ev.donor is None:
+                break
+            current, limit = ev.donor, ev.index
+        return chain[::-1]

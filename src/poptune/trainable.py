@@ -1,0 +1,110 @@
+"""What users implement: one member's training, as a class or as two functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+__all__ = ["FunctionTrainable", "Metrics", "Trainable", "trainable"]
+
+Metrics = float | Mapping[str, float]
+S = TypeVar("S")
+
+
+class Trainable:
+    """One member of the population: its model, optimizer and data stream.
+
+    Subclasses implement `step`, `state_dict` and `load_state_dict`; `set_hparams` stores the
+    new hyperparameters in ``self.hparams`` and may be overridden to apply them in place (say,
+    to an optimizer's param groups). poptune always calls `set_hparams` *after*
+    `load_state_dict`, so a loaded optimizer state never brings back the donor's old learning
+    rate.
+
+    Args:
+        hparams: This member's hyperparameters.
+        seed: A seed distinct for each member, fixed by the experiment's seed.
+    """
+
+    def __init__(self, hparams: Mapping[str, Any], seed: int) -> None:
+        self.hparams = dict(hparams)
+        self.seed = seed
+
+    def step(self) -> Metrics:
+        """Trains for one unit (an epoch, some batches...) and returns its metrics."""
+        raise NotImplementedError
+
+    def state_dict(self) -> object:
+        """Everything needed to continue training: weights, optimizer state, RNG state."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restores what `state_dict` returned (possibly another member's)."""
+        raise NotImplementedError
+
+    def set_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Applies new hyperparameters; called after any `load_state_dict`."""
+        self.hparams = dict(hparams)
+
+
+class FunctionTrainable(Trainable, Generic[S]):
+    """A `Trainable` built from two plain functions (see `trainable`)."""
+
+    def __init__(
+        self,
+        hparams: Mapping[str, Any],
+        seed: int,
+        *,
+        init: Callable[[dict[str, Any], int], S],
+        step: Callable[[S, dict[str, Any]], tuple[S, Metrics]],
+    ) -> None:
+        super().__init__(hparams, seed)
+        self._step = step
+        self.state: S = init(dict(hparams), seed)
+
+    def step(self) -> Metrics:
+        self.state, metrics = self._step(self.state, self.hparams)
+        return metrics
+
+    def state_dict(self) -> object:
+        return self.state
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
+
+
+class _FunctionFactory:
+    """Picklable factory ``(hparams, seed) -> FunctionTrainable`` (module-level functions)."""
+
+    def __init__(self, init: Callable[..., Any], step: Callable[..., Any]) -> None:
+        self.init, self.step = init, step
+        self.__name__ = getattr(step, "__name__", "trainable")
+
+    def __call__(self, hparams: Mapping[str, Any], seed: int) -> FunctionTrainable[Any]:
+        return FunctionTrainable(hparams, seed, init=self.init, step=self.step)
+
+    def __repr__(self) -> str:
+        return f"pt.trainable(init={self.init!r}, step={self.step!r})"
+
+
+def trainable(
+    init: Callable[[dict[str, Any], int], S],
+    step: Callable[[S, dict[str, Any]], tuple[S, Metrics]],
+) -> Callable[[Mapping[str, Any], int], Trainable]:
+    """Builds a trainable from functions, for small problems.
+
+    Args:
+        init: ``init(hparams, seed) -> state`` builds a member's state (any picklable value).
+        step: ``step(state, hparams) -> (new_state, metrics)`` trains one unit. It should not
+            modify ``state`` in place if other code may hold it; returning a new value is safest.
+
+    Example:
+        >>> import poptune as pt
+        >>> counter = pt.trainable(init=lambda hp, seed: 0.0,
+        ...                        step=lambda s, hp: (s + hp["lr"], s + hp["lr"]))
+        >>> member = counter({"lr": 0.5}, seed=0)
+        >>> member.step(), member.step()
+        (0.5, 1.0)
+    """
+    if not callable(init) or not callable(step):
+        raise ValueError(f"trainable: `init` and `step` must be callables, got {init!r}, {step!r}.")
+    return _FunctionFactory(init, step)
