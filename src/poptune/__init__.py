@@ -10,7 +10,10 @@ Example:
     20
 """
 
+from typing import TYPE_CHECKING
+
 from poptune.controller import PBT, Decision, MemberState
+from poptune.execution.session import ConfigMismatch, RunFailed, RunOptions
 from poptune.experiment import Experiment
 from poptune.result import Event, HistoryRecord, MemberRecord, Result, ScheduleStep
 from poptune.space import Choice, Float, Int, Parameter, Space
@@ -27,12 +30,32 @@ from poptune.strategies import (
 )
 from poptune.trainable import FunctionTrainable, Trainable, trainable
 
+if TYPE_CHECKING:
+    from poptune.storage.base import Storage
+
 __version__ = "0.1.0"
+
+
+def load(storage: "str | Storage", name: str) -> Result:
+    """The `Result` of run ``name``, read back from ``storage`` (a URL or a `Storage`).
+
+    Identical to what `Experiment.run` returned for that run.
+    """
+    from poptune.execution.session import load_result
+    from poptune.storage import open_storage
+
+    store = open_storage(storage)
+    try:
+        return load_result(store, name)
+    finally:
+        if store is not storage:
+            store.close()
 
 __all__ = [
     "PBT",
     "Candidate",
     "Choice",
+    "ConfigMismatch",
     "Decision",
     "Event",
     "Experiment",
@@ -49,6 +72,8 @@ __all__ = [
     "Perturb",
     "Resample",
     "Result",
+    "RunFailed",
+    "RunOptions",
     "ScheduleStep",
     "Space",
     "TTest",
@@ -56,5 +81,6 @@ __all__ = [
     "Trainable",
     "Truncation",
     "__version__",
+    "load",
     "trainable",
 ]

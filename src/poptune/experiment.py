@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poptune.controller import PBT
 from poptune.result import Result
@@ -11,6 +11,10 @@ from poptune.space import Parameter, Space
 from poptune.strategies.exploit import Exploit, Truncation
 from poptune.strategies.explore import Perturb
 from poptune.trainable import Trainable
+
+if TYPE_CHECKING:
+    from poptune.execution.session import RunOptions
+    from poptune.storage.base import Storage
 
 __all__ = ["Experiment"]
 
@@ -109,17 +113,66 @@ class Experiment:
         out = self.controller().describe()
         out["metric"] = self.metric
         t = self.trainable
-        out["trainable"] = f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
-        out["initial_hparams"] = None if self.initial_hparams is None else [
-            dict(h) for h in self.initial_hparams
-        ]
+        # Qualified name without the module: the same file loaded by `poptune run` or imported
+        # by a script must give the same configuration.
+        out["trainable"] = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
+        out["initial_population"] = {
+            str(mid): dict(m.hparams) for mid, m in self.controller().members.items()
+        }
         return out
 
-    def run(self) -> Result:
-        """Runs the experiment in this process, in memory, and returns its `Result`."""
-        from poptune.execution.inprocess import run_in_process
+    def run(
+        self,
+        storage: str | Storage | None = None,
+        name: str | None = None,
+        *,
+        workers: int = 1,
+        executor: str | None = None,
+        resume: bool = False,
+        checkpoints: str | None = None,
+        options: RunOptions | None = None,
+        source: str | None = None,
+    ) -> Result:
+        """Runs the experiment and returns its `Result`.
 
-        return run_in_process(self)
+        Without a storage the run lives in this process's memory. With one (a URL such as
+        ``sqlite:///runs.db`` or ``postgresql+psycopg://user@host/db``, or a `Storage`) every
+        result, decision and checkpoint reference is recorded there as it happens, and running
+        the same experiment again with the same storage and name resumes it from its last
+        checkpoints: same population, lineage and ready clocks.
+
+        Args:
+            storage: Where the run is recorded; None for memory.
+            name: The run's name (letters, digits, ``-``, ``_``, ``.``); ``"run"`` by default.
+            workers: Worker processes; more than one means ``executor="processes"``.
+            executor: ``"serial"`` (this process) or ``"processes"``.
+            resume: Resume a run of that name even if its configuration differs (its
+                population size and hyperparameter names must match).
+            checkpoints: Directory or fsspec URL for checkpoint files; by default beside a
+                SQLite file (``runs.db`` -> ``runs-checkpoints/``) or ``./poptune-checkpoints``.
+            options: Retries, retention, heartbeats: see `poptune.RunOptions`.
+            source: ``FILE.py:NAME`` this experiment was loaded from (set by the CLI; lets
+                worker processes and ``poptune resume`` load it again).
+
+        Raises:
+            poptune.ConfigMismatch: The run exists with another configuration.
+            poptune.RunFailed: Too many failures in user code.
+            KeyboardInterrupt: On Ctrl-C, after everything committed has been flushed and
+                the run marked interrupted (resume it later).
+        """
+        from poptune.execution import execute
+
+        return execute(
+            self,
+            storage,
+            name,
+            workers=workers,
+            executor=executor,
+            resume=resume,
+            checkpoints=checkpoints,
+            source=source,
+            options=options,
+        )
 
     def __repr__(self) -> str:
         return (

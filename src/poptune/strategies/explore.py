@@ -146,7 +146,7 @@ class FunctionExplore(Explore):
 
     def describe(self) -> dict[str, Any]:
         fn = self.fn
-        return {"kind": "function", "name": f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"}
+        return {"kind": "function", "name": str(getattr(fn, "__qualname__", repr(fn)))}
 
     def __repr__(self) -> str:
         return f"FunctionExplore({self.fn!r})"

@@ -1,0 +1,457 @@
+"""The processes executor: N worker processes share one run through its storage.
+
+There is no coordinator in the algorithm: each worker loops on *claim, train, commit*:
+
+1. **Claim**, in an exclusive transaction: the running member with the fewest steps that no
+   live worker holds (ties: lowest id). Its row then names the worker as ``owner``; a member
+   whose owner stopped sending heartbeats (or whose process is gone, on this machine) is
+   claimed again from its last checkpoint. Two workers never hold the same member.
+2. **Train** it, in memory, up to its next ready point (or its last step).
+3. **Checkpoint** it (written atomically to a unique file), then **commit**, in one
+   transaction: its results, the decision the controller makes at its ready point, the
+   lineage event, the checkpoint reference, and the release of the claim. The commit is
+   refused if the worker no longer owns the member (it was presumed dead): its work is then
+   dropped, never mixed with the new owner's.
+
+The donor's state a member copies is the donor's checkpoint at its last ready point, the one
+that produced the score it was judged on. A member that copied a donor refers to the donor's
+checkpoint file, which retention therefore keeps.
+
+The parent process only starts the workers, watches them, and restarts one that dies (its
+claims are released at once, without waiting for the heartbeat timeout).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from poptune.controller import PBT, Decision
+from poptune.execution.common import (
+    apply_decision,
+    build_member,
+    event_from_decision,
+    read_metrics,
+)
+from poptune.execution.session import (
+    RunFailed,
+    RunOptions,
+    controller_from,
+    event_dict,
+    member_rows,
+    new_worker_id,
+    now,
+    owner_alive,
+    retention,
+)
+from poptune.storage.base import FailureRow, MemberRow, ResultRow, Storage, StorageError
+
+if TYPE_CHECKING:
+    from poptune.experiment import Experiment
+    from poptune.trainable import Trainable
+
+__all__ = ["WorkerSpec", "run_processes", "worker_main"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, picklable.
+
+    ``source`` (``FILE.py:NAME``) is re-imported in the worker; otherwise ``experiment`` holds
+    the pickled experiment.
+    """
+
+    storage_url: str
+    name: str
+    checkpoint_root: str
+    options: RunOptions
+    source: str | None = None
+    experiment: bytes | None = None
+
+
+def _load(spec: WorkerSpec) -> Experiment:
+    if spec.source is not None:
+        from poptune.execution.source import load_experiment
+
+        return load_experiment(spec.source)[0]
+    assert spec.experiment is not None  # noqa: S101
+    exp: Experiment = pickle.loads(spec.experiment)
+    return exp
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+        from poptune.storage import open_storage
+        from poptune.storage.checkpoints import CheckpointStore
+
+        self.spec, self.id = spec, worker_id
+        self.exp = _load(spec)
+        self.storage: Storage = open_storage(spec.storage_url)
+        self.ckpts = CheckpointStore(spec.checkpoint_root)
+        self.options = spec.options
+        self.max_failures = self.options.max_failures or 2 * self.exp.population_size
+        # member -> (checkpoint location it was loaded from / last saved, trainable)
+        self.cache: dict[int, tuple[str | None, Trainable]] = {}
+        self.held: int | None = None
+        self._stop = threading.Event()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat, daemon=True, name="poptune-heartbeat")
+        beat.start()
+        try:
+            while True:
+                claimed = self._claim()
+                if claimed is None:
+                    break
+                if claimed < 0:
+                    time.sleep(self.options.poll_interval)
+                    continue
+                self._work(claimed)
+        finally:
+            self._stop.set()
+            self._release_all()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.options.heartbeat_timeout / 4):
+            try:
+                self.storage.heartbeat(self.spec.name, self.id, now())
+            except Exception:
+                pass
+
+    def _claim(self) -> int | None:
+        """A claimed member id; -1 when none is free yet; None when the run is over."""
+        with self.storage.transaction(self.spec.name) as tx:
+            info = tx.run()
+            if info.status in ("completed", "failed", "interrupted"):
+                return None
+            rows = tx.members()
+            alive = [r for r in rows if r.state["status"] in ("running", "waiting")]
+            if not alive:
+                tx.set_status("completed")
+                return None
+            t = now()
+            running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
+            lag = self.options.max_lag or self.exp.interval
+            limit = (min(running) + lag) if running else 0
+            free = [
+                r
+                for r in alive
+                if r.state["status"] == "running"
+                and int(r.state["step"]) < limit
+                and (
+                    r.owner is None
+                    or not owner_alive(r.owner, r.heartbeat, self.options.heartbeat_timeout, t)
+                )
+            ]
+            if not free:
+                return -1
+            pick = min(free, key=lambda r: (int(r.state["step"]), r.id))
+            tx.put_members(
+                [MemberRow(pick.state, self.id, t, pick.checkpoint, pick.checkpoint_step, pick.attempts)]
+            )
+        self.held = pick.id
+        self._row = pick
+        return pick.id
+
+    def _trainable(self, row: MemberRow) -> Trainable:
+        hparams = row.state["hparams"]
+        cached = self.cache.get(row.id)
+        if cached is not None and cached[0] == row.checkpoint:
+            trainable = cached[1]
+            if trainable.hparams != hparams:
+                trainable.set_hparams(hparams)
+            return trainable
+        trainable = build_member(self.exp, row.id, hparams)
+        if row.checkpoint is not None:
+            trainable.load_state_dict(self.ckpts.load(row.checkpoint))
+            trainable.set_hparams(hparams)
+        return trainable
+
+    def _target(self, state: Mapping[str, Any]) -> int:
+        """The step at which the member is next judged: its next ready point, or the end."""
+        exp, step = self.exp, int(state["step"])
+        ready = max(int(state["last_ready"]) + exp.interval, exp.burn_in)
+        while ready <= step:
+            ready += exp.interval
+        return min(ready, exp.steps)
+
+    def _work(self, mid: int) -> None:
+        row = self._row
+        self.cache.pop(mid, None)
+        try:
+            trainable = self._trainable(row)
+            step, target = int(row.state["step"]), self._target(row.state)
+            results: list[ResultRow] = []
+            while step < target:
+                metrics, score = read_metrics(trainable.step(), self.exp.metric)
+                step += 1
+                results.append(ResultRow(mid, step, score, metrics))
+        except Exception as exc:
+            self._failed(mid, exc)
+            return
+        saved = self.ckpts.save(self.spec.name, mid, step, trainable.state_dict())
+        outcome = self._commit(mid, step, results, saved)
+        if outcome is None:
+            return  # lost the claim: the work is dropped
+        decision, location, donor_location = outcome
+        if decision is not None and decision.copies_state:
+            assert donor_location is not None  # noqa: S101
+            state = self.ckpts.load(donor_location)
+            trainable = apply_decision(self.exp, trainable, decision, state)
+        elif decision is not None and decision.action == "explore":
+            trainable = apply_decision(self.exp, trainable, decision, None)
+        self.cache[mid] = (location, trainable)
+
+    def _commit(
+        self, mid: int, step: int, results: list[ResultRow], saved: Any
+    ) -> tuple[Decision | None, str | None, str | None] | None:
+        doomed: list[str] = []
+        with self.storage.transaction(self.spec.name) as tx:
+            info = tx.run()
+            stored = {r.id: r for r in tx.members()}
+            mine = stored[mid]
+            if mine.owner != self.id:
+                self.held = None
+                return None
+            pbt = controller_from(self.exp, info, stored.values())
+            for r in results:
+                pbt.report(mid, r.step, r.score)
+            decision = pbt.decide(mid)
+            tx.add_checkpoint(mid, step, saved.location, saved.size)
+            overrides: dict[str, dict[str, Any]] = {
+                str(mid): {
+                    "owner": None,
+                    "heartbeat": None,
+                    "checkpoint": saved.location,
+                    "checkpoint_step": step,
+                    "attempts": 0,
+                }
+            }
+            decisions = [decision] if decision.action in ("exploit", "explore") else []
+            if pbt.synchronous:
+                decisions = [pbt.poll(k) for k in sorted(pbt.members)]
+                decisions = [d for d in decisions if d.action in ("exploit", "explore")]
+            index = tx.event_count()
+            events = []
+            own: Decision | None = None
+            donor_location: str | None = None
+            for d in decisions:
+                if d.copies_state:
+                    assert d.donor is not None  # noqa: S101
+                    donor_row = stored[d.donor]
+                    loc = saved.location if d.donor == mid else donor_row.checkpoint
+                    loc_step = step if d.donor == mid else donor_row.checkpoint_step
+                    ov = overrides.setdefault(str(d.member), {})
+                    ov.update({"checkpoint": loc, "checkpoint_step": loc_step})
+                    if d.member == mid:
+                        donor_location = loc
+                if d.member == mid:
+                    own = d
+                events.append(event_dict(event_from_decision(index, d)))
+                index += 1
+            rows = member_rows(pbt, stored, **overrides)
+            tx.put_members(rows)
+            snap = pbt.snapshot()
+            tx.set_controller(snap["generation"], snap["pending"])
+            tx.add_results(results)
+            tx.add_events(events)
+            if not any(r.state["status"] in ("running", "waiting") for r in rows):
+                tx.set_status("completed")
+            doomed = retention(tx, self.options.keep_checkpoints, rows)
+        self.held = None
+        for location in doomed:
+            self.ckpts.delete(location)
+        final = overrides[str(mid)]["checkpoint"]
+        return own, final, donor_location
+
+    def _failed(self, mid: int, exc: BaseException) -> None:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        count = len(self.storage.failures(self.spec.name)) + 1
+        with self.storage.transaction(self.spec.name) as tx:
+            info = tx.run()
+            stored = {r.id: r for r in tx.members()}
+            mine = stored[mid]
+            if mine.owner != self.id:
+                self.held = None
+                return
+            attempt = mine.attempts + 1
+            step = int(mine.state["step"])
+            tx.add_failure(FailureRow(mid, step, attempt, text, now()))
+            if count > self.max_failures:
+                tx.put_members(
+                    [MemberRow(mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt)]
+                )
+                tx.set_status(
+                    "failed",
+                    f"{count} failures in user code (more than max_failures="
+                    f"{self.max_failures}). Last one, member {mid} at step {step}:\n{text}",
+                )
+                self.held = None
+                return
+            if attempt <= self.options.max_retries:
+                tx.put_members(
+                    [MemberRow(mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt)]
+                )
+                self.held = None
+                return
+            pbt = controller_from(self.exp, info, stored.values())
+            d = pbt.replace(mid)
+            overrides: dict[str, dict[str, Any]] = {
+                str(mid): {"owner": None, "heartbeat": None, "attempts": attempt}
+            }
+            if d.copies_state:
+                assert d.donor is not None  # noqa: S101
+                donor_row = stored[d.donor]
+                overrides[str(d.member)] = {
+                    "checkpoint": donor_row.checkpoint,
+                    "checkpoint_step": donor_row.checkpoint_step,
+                }
+            decisions = [d]
+            if pbt.synchronous:  # the failure may have completed a generation
+                decisions += [pbt.poll(k) for k in sorted(pbt.members) if k != d.member]
+            index = tx.event_count()
+            events = []
+            for dd in decisions:
+                if dd.action not in ("exploit", "explore"):
+                    continue
+                if dd is not d and dd.copies_state:
+                    assert dd.donor is not None  # noqa: S101
+                    overrides.setdefault(str(dd.member), {}).update(
+                        {
+                            "checkpoint": stored[dd.donor].checkpoint,
+                            "checkpoint_step": stored[dd.donor].checkpoint_step,
+                        }
+                    )
+                events.append(
+                    event_dict(event_from_decision(index, dd, "replace" if dd is d else None))
+                )
+                index += 1
+            rows = member_rows(pbt, stored, **overrides)
+            tx.put_members(rows)
+            snap = pbt.snapshot()
+            tx.set_controller(snap["generation"], snap["pending"])
+            tx.add_events(events)
+        self.held = None
+
+    def _release_all(self) -> None:
+        try:
+            with self.storage.transaction(self.spec.name) as tx:
+                rows = [
+                    MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
+                    for r in tx.members()
+                    if r.owner == self.id
+                ]
+                tx.put_members(rows)
+        except Exception:
+            pass
+        self.storage.close()
+
+
+def worker_main(spec: WorkerSpec, worker_id: str) -> None:
+    """Entry point of a worker process."""
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _Worker(spec, worker_id).run()
+    except KeyboardInterrupt:
+        pass
+
+
+def _release_owner(storage: Storage, name: str, owner: str) -> None:
+    with storage.transaction(name) as tx:
+        rows = [
+            MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
+            for r in tx.members()
+            if r.owner == owner
+        ]
+        tx.put_members(rows)
+
+
+def run_processes(
+    experiment: Experiment,
+    storage: Storage,
+    storage_url: str,
+    name: str,
+    checkpoint_root: str,
+    workers: int,
+    options: RunOptions,
+    source: str | None = None,
+) -> None:
+    """Trains a prepared run with ``workers`` processes until it completes or fails."""
+    payload = None
+    if source is None:
+        try:
+            payload = pickle.dumps(experiment)
+        except Exception as e:
+            raise ValueError(
+                "executor='processes' sends the experiment to worker processes, but it cannot "
+                f"be pickled ({e}). Define the trainable (and any explore function) at module "
+                "level, or start the run with `poptune run FILE.py`."
+            ) from None
+    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload)
+    storage.update_run(name, status="running")
+    ctx = mp.get_context("spawn")
+    procs: dict[str, Any] = {}
+    restarts, max_restarts = 0, max(4, 2 * workers)
+
+    def start() -> None:
+        wid = f"{new_worker_id()}-w{len(procs)}"
+        p = ctx.Process(target=worker_main, args=(spec, wid), name=f"poptune-{wid}", daemon=False)
+        p.start()
+        # The id carries the child's pid, so a resumed run on this machine sees it is gone.
+        procs[wid] = p
+
+    try:
+        for _ in range(workers):
+            start()
+        while procs:
+            for wid, p in list(procs.items()):
+                p.join(timeout=0.1)
+                if p.exitcode is None:
+                    continue
+                del procs[wid]
+                if p.exitcode != 0:
+                    # A worker died (killed, out of memory...): free its member at once.
+                    _release_owner(storage, name, wid)
+                    info = storage.get_run(name)
+                    if info is not None and info.status == "running" and restarts < max_restarts:
+                        restarts += 1
+                        start()
+    except BaseException:
+        for p in procs.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        for wid in procs:
+            _release_owner(storage, name, wid)
+        storage.update_run(name, status="interrupted")
+        raise
+    info = storage.get_run(name)
+    if info is not None and info.status == "failed":
+        raise RunFailed(info.error or f"Run {name!r} failed.")
+    if info is not None and info.status == "running":
+        rows = storage.members(name)
+        if all(r.state["status"] in ("finished", "failed") for r in rows):
+            storage.update_run(name, status="completed")
+        else:
+            storage.update_run(name, status="interrupted")
+            raise StorageError(
+                f"Run {name!r}: every worker stopped before the run completed (more than "
+                f"{max_restarts} died). Resume it with `poptune resume {name}`."
+            )

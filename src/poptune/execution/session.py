@@ -1,0 +1,323 @@
+"""Setting up, resuming and reading back a run in a storage; shared by every executor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from poptune.controller import PBT, MemberState
+from poptune.result import Event, HistoryRecord, MemberRecord, Result
+from poptune.storage.base import CheckpointRow, MemberRow, RunInfo, Storage, StorageError, Transaction
+
+if TYPE_CHECKING:
+    from poptune.experiment import Experiment
+
+__all__ = [
+    "CheckpointBackend",
+    "ConfigMismatch",
+    "RunFailed",
+    "RunOptions",
+    "controller_from",
+    "fingerprint",
+    "load_result",
+    "member_rows",
+    "new_worker_id",
+    "owner_alive",
+    "prepare_run",
+    "retention",
+]
+
+
+class ConfigMismatch(StorageError):
+    """A run of that name exists with another configuration."""
+
+
+class RunFailed(RuntimeError):
+    """Too many failures in user code: the run was stopped. The message holds the traceback."""
+
+
+class CheckpointBackend(Protocol):
+    """What executors need of a checkpoint store."""
+
+    def save(self, run: str, member: int, step: int, state: object) -> Any: ...
+    def load(self, location: str) -> object: ...
+    def delete(self, location: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is executed (none of this changes its results).
+
+    Attributes:
+        max_retries: Times a member's step is retried after an exception in user code before
+            the member is marked failed and replaced.
+        max_failures: Failures in user code (all members together) after which the whole run
+            stops as failed. None: ``2 * population_size``.
+        keep_checkpoints: Checkpoints kept per member (those still referred to are kept too).
+        heartbeat_timeout: Seconds without a heartbeat after which a member's worker is
+            presumed dead and the member is reclaimed from its last checkpoint.
+        poll_interval: Seconds a worker with nothing to do waits before looking again.
+        max_lag: Processes executor: a member is not claimed while it is this many steps or
+            more ahead of the slowest running member, so no member races to the end against
+            stale scores while another waits for a worker. None: one ``interval``.
+    """
+
+    max_retries: int = 2
+    max_failures: int | None = None
+    keep_checkpoints: int = 2
+    heartbeat_timeout: float = 30.0
+    poll_interval: float = 0.05
+    max_lag: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"`max_retries >= 0` must hold, but got {self.max_retries}.")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"`keep_checkpoints >= 1` must hold, but got {self.keep_checkpoints}.")
+        if not self.heartbeat_timeout > 0:
+            raise ValueError(
+                f"`heartbeat_timeout > 0` must hold, but got {self.heartbeat_timeout}."
+            )
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    """A short, stable hash of a configuration."""
+    text = json.dumps(config, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def new_worker_id() -> str:
+    """``host:pid:random``: tells who holds a member, and lets the same host see it died."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str | None, heartbeat: float | None, timeout: float, now: float) -> bool:
+    """Whether a member's owner may still be working on it."""
+    if owner is None:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host == socket.gethostname() and pid_text.isdigit():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False  # a process of this machine that no longer exists
+        except PermissionError:
+            pass
+    return heartbeat is not None and now - heartbeat < timeout
+
+
+def member_rows(
+    pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any
+) -> list[MemberRow]:
+    """Rows for every member of the controller, keeping fields the controller doesn't know."""
+    out = []
+    for mid, m in pbt.members.items():
+        old = previous.get(mid)
+        fields: dict[str, Any] = {
+            "owner": old.owner if old else None,
+            "heartbeat": old.heartbeat if old else None,
+            "checkpoint": old.checkpoint if old else None,
+            "checkpoint_step": old.checkpoint_step if old else None,
+            "attempts": old.attempts if old else 0,
+        }
+        fields.update(overrides.get(str(mid), {}))
+        out.append(MemberRow(state=m.to_dict(), **fields))
+    return out
+
+
+def controller_from(experiment: Experiment, info: RunInfo, rows: Iterable[MemberRow]) -> PBT:
+    """The experiment's controller, restored to the state stored for the run."""
+    pbt = experiment.controller()
+    pbt.restore(
+        {
+            "generation": info.generation,
+            "members": [r.state for r in rows],
+            "pending": info.pending,
+        }
+    )
+    return pbt
+
+
+def _check_jsonable(experiment: Experiment, pbt: PBT) -> None:
+    for m in pbt.members.values():
+        try:
+            json.dumps(m.hparams, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Hyperparameters must be JSON values (numbers, strings, booleans, None) to be "
+                f"stored, but member {m.id} has {m.hparams!r}."
+            ) from None
+
+
+def prepare_run(
+    experiment: Experiment,
+    storage: Storage,
+    name: str,
+    *,
+    resume: bool = False,
+    source: str | None = None,
+    checkpoint_root: str | None = None,
+) -> RunInfo:
+    """Creates the run, or checks that an existing one may be resumed with this experiment.
+
+    An existing run with the same configuration is resumed. One with a different configuration
+    is refused unless ``resume`` is true; even then the population size and the names of the
+    hyperparameters must match (a different ``steps`` is how a run is extended).
+    """
+    from poptune.storage.checkpoints import check_run_name
+
+    check_run_name(name)
+    config = experiment.describe()
+    fp = fingerprint(config)
+    info = storage.get_run(name)
+    if info is None:
+        pbt = experiment.controller()
+        _check_jsonable(experiment, pbt)
+        rows = member_rows(pbt, {})
+        try:
+            return storage.create_run(
+                name, config, fp, source=source, checkpoint_root=checkpoint_root, members=rows
+            )
+        except StorageError:
+            info = storage.get_run(name)  # created by another process in the meantime
+            if info is None:
+                raise
+    if info.fingerprint != fp:
+        diff = _differences(info.config, config)
+        if not resume:
+            raise ConfigMismatch(
+                f"Run {name!r} exists in {storage.display_url} with a different configuration "
+                f"({diff}). Choose another name, or resume it with this configuration "
+                "(--resume / resume=True)."
+            )
+        stored_space = sorted(info.config.get("space", {}))
+        if info.config.get("population_size") != config["population_size"] or stored_space != sorted(
+            config["space"]
+        ):
+            raise ConfigMismatch(
+                f"Run {name!r} cannot be resumed with this experiment: the population size or "
+                f"the hyperparameter names differ ({diff})."
+            )
+        storage.update_run(name, config=config, fingerprint=fp, source=source)
+        if info.status == "completed":
+            with storage.transaction(name) as tx:
+                _reopen_finished(experiment, tx)
+        info = storage.get_run(name) or info
+    elif source is not None and info.source != source:
+        storage.update_run(name, source=source)
+    return info
+
+
+def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:
+    """A completed run extended to more steps: finished members below ``steps`` run again."""
+    rows = tx.members()
+    changed = []
+    for r in rows:
+        state = dict(r.state)
+        if state["status"] == "finished" and int(state["step"]) < experiment.steps:
+            state["status"] = "running"
+            changed.append(MemberRow(state, None, None, r.checkpoint, r.checkpoint_step, 0))
+    tx.put_members(changed)
+    if changed:
+        tx.set_status("interrupted")
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [k for k in keys if old.get(k) != new.get(k)]
+    return "differs in: " + ", ".join(diffs) if diffs else "same keys"
+
+
+def retention(
+    tx: Transaction, keep_last: int, rows: Sequence[MemberRow]
+) -> list[str]:
+    """Forgets old checkpoints in ``tx``; returns the locations whose files may be deleted.
+
+    A checkpoint that any member's current state refers to (its own, or a donor's it copied)
+    is never collected, whatever its age.
+    """
+    from poptune.storage.checkpoints import CheckpointRef, select_for_deletion
+
+    protected = {r.checkpoint for r in rows if r.checkpoint is not None}
+    refs = [
+        CheckpointRef(location=c.location, member=c.member, step=c.step, created=c.id)
+        for c in tx.checkpoints()
+    ]
+    doomed = select_for_deletion(refs, keep_last, protected)
+    tx.delete_checkpoints(doomed)
+    return doomed
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {
+        "index": e.index,
+        "member": e.member,
+        "step": e.step,
+        "donor": e.donor,
+        "donor_step": e.donor_step,
+        "kind": e.kind,
+        "old_hparams": dict(e.old_hparams),
+        "new_hparams": dict(e.new_hparams),
+        "operations": dict(e.operations),
+    }
+
+
+def load_result(storage: Storage, name: str) -> Result:
+    """The `Result` of a run, read back from its storage."""
+    info = storage.get_run(name)
+    if info is None:
+        raise StorageError(f"No run named {name!r} in {storage.display_url}.")
+    cfg = info.config
+    rows = storage.members(name)
+    states = [MemberState.from_dict(r.state) for r in rows]
+    initial: dict[int, Any] = {}
+    events = [
+        Event(
+            index=e["index"],
+            member=e["member"],
+            step=e["step"],
+            donor=e["donor"],
+            donor_step=e["donor_step"],
+            old_hparams=e["old_hparams"],
+            new_hparams=e["new_hparams"],
+            operations=e["operations"],
+            kind=e["kind"],
+        )
+        for e in storage.events(name)
+    ]
+    stored_initial = cfg.get("initial_population") or {}
+    for m in states:
+        if str(m.id) in stored_initial:
+            initial[m.id] = stored_initial[str(m.id)]
+    history = [HistoryRecord(r.member, r.step, r.metrics, r.score) for r in storage.results(name)]
+    return Result(
+        name=name,
+        mode=str(cfg.get("mode", "max")),
+        metric=str(cfg.get("metric", "score")),
+        initial_hparams=initial,
+        members=[
+            MemberRecord(m.id, dict(m.hparams), m.step, m.score, m.status, m.replaces)
+            for m in sorted(states, key=lambda m: m.id)
+        ],
+        history=history,
+        events=events,
+    )
+
+
+def latest_checkpoints(rows: Sequence[CheckpointRow]) -> dict[int, CheckpointRow]:
+    out: dict[int, CheckpointRow] = {}
+    for c in rows:
+        out[c.member] = c
+    return out
+
+
+def now() -> float:
+    return time.time()

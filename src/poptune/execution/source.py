@@ -1,0 +1,78 @@
+"""Loading an `Experiment` from a Python file: ``FILE.py`` or ``FILE.py:NAME``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from poptune.experiment import Experiment
+
+__all__ = ["SourceError", "load_experiment"]
+
+
+class SourceError(ValueError):
+    """The file does not exist, does not import, or defines no usable Experiment."""
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    path, sep, name = spec.rpartition(":")
+    # "C:\\x.py" or a plain path without a ":NAME" suffix.
+    if not sep or not name or "/" in name or "\\" in name or not path:
+        return spec, None
+    return path, name
+
+
+def load_experiment(spec: str) -> tuple[Experiment, str]:
+    """Imports ``FILE.py[:NAME]`` and returns its Experiment and the normalised source.
+
+    Without ``NAME``, the file must define exactly one module-level `Experiment`. ``NAME`` may
+    also name a function taking no argument that returns one.
+    """
+    from poptune.experiment import Experiment
+
+    path, name = _split(spec)
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise SourceError(f"No such file: {path}")
+    module_name = "_poptune_user_" + hashlib.sha1(path.encode()).hexdigest()[:10]
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise SourceError(f"Cannot import {path}: not a Python file.")
+        module = importlib.util.module_from_spec(loader_spec)
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException as e:
+            del sys.modules[module_name]
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise SourceError(f"Importing {path} failed: {type(e).__name__}: {e}") from e
+    if name is not None:
+        if not hasattr(module, name):
+            raise SourceError(f"{path} has no {name!r}.")
+        obj = getattr(module, name)
+        if not isinstance(obj, Experiment) and callable(obj):
+            obj = obj()
+        if not isinstance(obj, Experiment):
+            raise SourceError(f"{path}:{name} is a {type(obj).__name__}, not a poptune Experiment.")
+        return obj, f"{path}:{name}"
+    found = {k: v for k, v in vars(module).items() if isinstance(v, Experiment)}
+    if not found:
+        raise SourceError(
+            f"{path} defines no poptune Experiment at module level; assign one, e.g. "
+            "EXPERIMENT = pt.Experiment(...), or name a function with FILE.py:NAME."
+        )
+    if len(found) > 1:
+        names = ", ".join(sorted(found))
+        raise SourceError(f"{path} defines several Experiments ({names}); choose one: {spec}:NAME.")
+    (key, exp), = found.items()
+    return exp, f"{path}:{key}"

@@ -1,0 +1,258 @@
+"""In-memory storage: the library default and the reference backend of the conformance suite."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from poptune.storage.base import (
+    CheckpointRow,
+    FailureRow,
+    MemberRow,
+    ResultRow,
+    RunExists,
+    RunInfo,
+    Storage,
+    StorageError,
+    Transaction,
+)
+
+__all__ = ["InMemoryStorage"]
+
+
+@dataclass
+class _Run:
+    info: RunInfo
+    members: dict[int, MemberRow] = field(default_factory=dict)
+    results: list[ResultRow] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
+    failures: list[FailureRow] = field(default_factory=list)
+
+
+def _freeze_member(row: MemberRow) -> MemberRow:
+    return replace(row, state=copy.deepcopy(dict(row.state)))
+
+
+class _MemoryTransaction(Transaction):
+    """Stages every write; `InMemoryStorage.transaction` applies them on success."""
+
+    def __init__(self, storage: InMemoryStorage, run: _Run) -> None:
+        self._storage, self._run = storage, run
+        self._members: dict[int, MemberRow] = {}
+        self._results: list[ResultRow] = []
+        self._events: list[dict[str, Any]] = []
+        self._checkpoints: list[CheckpointRow] = []
+        self._deleted: set[str] = set()
+        self._failures: list[FailureRow] = []
+        self._info = run.info
+
+    def run(self) -> RunInfo:
+        return self._info
+
+    def members(self) -> list[MemberRow]:
+        merged = dict(self._run.members)
+        merged.update(self._members)
+        return [merged[k] for k in sorted(merged)]
+
+    def put_members(self, rows: Sequence[MemberRow]) -> None:
+        for row in rows:
+            self._members[row.id] = _freeze_member(row)
+
+    def set_controller(self, generation: int, pending: Mapping[str, Any]) -> None:
+        self._info = replace(self._info, generation=generation, pending=copy.deepcopy(dict(pending)))
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        self._info = replace(self._info, status=status, error=error)
+
+    def add_results(self, rows: Sequence[ResultRow]) -> None:
+        self._results.extend(rows)
+
+    def add_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        self._events.extend(copy.deepcopy(dict(e)) for e in events)
+
+    def event_count(self) -> int:
+        return len(self._run.events) + len(self._events)
+
+    def add_checkpoint(self, member: int, step: int, location: str, size: int) -> CheckpointRow:
+        row = CheckpointRow(self._storage._next_id(), member, step, location, size, time.time())
+        self._checkpoints.append(row)
+        return row
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        rows = self._run.checkpoints + self._checkpoints
+        return [r for r in rows if r.location not in self._deleted]
+
+    def delete_checkpoints(self, locations: Sequence[str]) -> None:
+        self._deleted.update(locations)
+
+    def add_failure(self, failure: FailureRow) -> None:
+        self._failures.append(failure)
+
+    def _apply(self) -> None:
+        run = self._run
+        run.members.update(self._members)
+        run.results.extend(self._results)
+        run.events.extend(self._events)
+        run.checkpoints.extend(self._checkpoints)
+        if self._deleted:
+            run.checkpoints = [c for c in run.checkpoints if c.location not in self._deleted]
+        run.failures.extend(self._failures)
+        run.info = replace(self._info, updated=time.time())
+
+
+class InMemoryStorage(Storage):
+    """Keeps runs in this process's memory; gone when the process ends."""
+
+    display_url = "memory://"
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+        self._ids = 0
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _get(self, name: str) -> _Run:
+        try:
+            return self._runs[name]
+        except KeyError:
+            raise StorageError(f"No run named {name!r} in {self.display_url}.") from None
+
+    def create_run(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        fingerprint: str,
+        *,
+        source: str | None = None,
+        checkpoint_root: str | None = None,
+        members: Sequence[MemberRow] = (),
+    ) -> RunInfo:
+        with self._lock:
+            if name in self._runs:
+                raise RunExists(f"A run named {name!r} already exists in {self.display_url}.")
+            now = time.time()
+            info = RunInfo(
+                name=name,
+                config=copy.deepcopy(dict(config)),
+                fingerprint=fingerprint,
+                status="created",
+                source=source,
+                checkpoint_root=checkpoint_root,
+                created=now,
+                updated=now,
+            )
+            run = _Run(info)
+            run.members = {m.id: _freeze_member(m) for m in members}
+            self._runs[name] = run
+            return info
+
+    def get_run(self, name: str) -> RunInfo | None:
+        with self._lock:
+            run = self._runs.get(name)
+            return None if run is None else run.info
+
+    def list_runs(self) -> list[RunInfo]:
+        with self._lock:
+            return sorted((r.info for r in self._runs.values()), key=lambda i: i.created)
+
+    def update_run(
+        self,
+        name: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+        fingerprint: str | None = None,
+        source: str | None = None,
+        status: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._lock:
+            run = self._get(name)
+            changes: dict[str, Any] = {"updated": time.time()}
+            if config is not None:
+                changes["config"] = copy.deepcopy(dict(config))
+            if fingerprint is not None:
+                changes["fingerprint"] = fingerprint
+            if source is not None:
+                changes["source"] = source
+            if status is not None:
+                changes["status"] = status
+                changes["error"] = error
+            run.info = replace(run.info, **changes)
+
+    @contextlib.contextmanager
+    def transaction(self, name: str) -> Iterator[Transaction]:
+        with self._lock:
+            tx = _MemoryTransaction(self, self._get(name))
+            yield tx
+            tx._apply()
+
+    def heartbeat(self, name: str, owner: str, now: float) -> int:
+        with self._lock:
+            run = self._get(name)
+            count = 0
+            for mid, row in run.members.items():
+                if row.owner == owner:
+                    run.members[mid] = replace(row, heartbeat=now)
+                    count += 1
+            return count
+
+    def members(self, name: str) -> list[MemberRow]:
+        with self._lock:
+            run = self._get(name)
+            return [run.members[k] for k in sorted(run.members)]
+
+    def results(self, name: str) -> list[ResultRow]:
+        with self._lock:
+            return list(self._get(name).results)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._get(name).events)
+
+    def checkpoints(self, name: str) -> list[CheckpointRow]:
+        with self._lock:
+            return list(self._get(name).checkpoints)
+
+    def failures(self, name: str) -> list[FailureRow]:
+        with self._lock:
+            return list(self._get(name).failures)
+
+
+class MemoryCheckpointStore:
+    """Checkpoints kept as deep copies in this process's memory (for in-memory runs)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, object] = {}
+        self._count = 0
+
+    def save(self, run: str, member: int, step: int, state: object) -> Any:
+        from types import SimpleNamespace
+
+        self._count += 1
+        location = f"{run}/member-{member:05d}/step-{step:09d}-{self._count}"
+        self._states[location] = copy.deepcopy(state)
+        return SimpleNamespace(location=location, size=0, format="memory")
+
+    def load(self, location: str) -> object:
+        try:
+            return copy.deepcopy(self._states[location])
+        except KeyError:
+            raise FileNotFoundError(f"No checkpoint {location!r} in memory.") from None
+
+    def delete(self, location: str) -> None:
+        self._states.pop(location, None)
+
+    def exists(self, location: str) -> bool:
+        return location in self._states
+
+    def cleanup_temporary(self, run: str) -> int:
+        return 0

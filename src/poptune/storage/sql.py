@@ -1,0 +1,650 @@
+"""SQL storage on SQLAlchemy 2: SQLite (the embedded default, WAL mode) and PostgreSQL.
+
+The schema is versioned in ``poptune_meta``. A database written by an older poptune is migrated
+when a migration exists, and refused otherwise; one written by a newer poptune is refused. In
+both cases the message says what to do. Every table is prefixed ``poptune_`` so a run may share a
+database with other applications.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.types import TypeDecorator
+
+from poptune.storage.base import (
+    SCHEMA_VERSION,
+    CheckpointRow,
+    FailureRow,
+    MemberRow,
+    ResultRow,
+    RunExists,
+    RunInfo,
+    Storage,
+    StorageError,
+    Transaction,
+)
+
+__all__ = ["SQLStorage", "redact_url"]
+
+
+class _JSON(TypeDecorator[Any]):
+    """JSON as text, NaN and infinities included (scores may be NaN)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(value, allow_nan=True)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class _ExactFloat(TypeDecorator[float]):
+    """A float kept exactly, NaN and infinities included (SQLite turns NaN into NULL)."""
+
+    impl = sa.String(40)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else repr(float(value))
+
+    def process_result_value(self, value: Any, dialect: Any) -> float | None:
+        return None if value is None else float(value)
+
+
+metadata = sa.MetaData()
+meta_table = sa.Table(
+    "poptune_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+runs_table = sa.Table(
+    "poptune_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("config", _JSON, nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("source", sa.Text),
+    sa.Column("checkpoint_root", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("generation", sa.Integer, nullable=False, default=0),
+    sa.Column("pending", _JSON, nullable=False),
+    sa.Column("event_count", sa.Integer, nullable=False, default=0),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+members_table = sa.Table(
+    "poptune_members",
+    metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("state", _JSON, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("owner", sa.String(200)),
+    sa.Column("heartbeat", sa.Float),
+    sa.Column("checkpoint", sa.Text),
+    sa.Column("checkpoint_step", sa.Integer),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+)
+results_table = sa.Table(
+    "poptune_results",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+    sa.Column("member", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("score", _ExactFloat),
+    sa.Column("metrics", _JSON, nullable=False),
+    sa.Index("ix_poptune_results_run", "run_id", "id"),
+)
+events_table = sa.Table(
+    "poptune_events",
+    metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("member", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("donor", sa.Integer),
+    sa.Column("donor_step", sa.Integer),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("old_hparams", _JSON, nullable=False),
+    sa.Column("new_hparams", _JSON, nullable=False),
+    sa.Column("operations", _JSON, nullable=False),
+)
+checkpoints_table = sa.Table(
+    "poptune_checkpoints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+    sa.Column("member", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("location", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Index("ix_poptune_checkpoints_run", "run_id", "id"),
+)
+failures_table = sa.Table(
+    "poptune_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+    sa.Column("member", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("traceback", sa.Text, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
+
+#: Migrations from schema version N to N + 1, applied in order inside one transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def redact_url(url: str | sa.URL) -> str:
+    """The URL with its password replaced by ``***``: safe to print and log."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable storage URL>"
+
+
+def _scrub(text: str, url: sa.URL) -> str:
+    """Removes the password from an error message that may quote a connection string."""
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text.splitlines()[0] if text else text
+
+
+class _SQLTransaction(Transaction):
+    def __init__(self, conn: Connection, run_id: int, row: Any) -> None:
+        self._conn, self._run_id, self._row = conn, run_id, row
+        self._info: RunInfo | None = None
+
+    def run(self) -> RunInfo:
+        if self._info is None:
+            self._info = _run_info(self._row)
+        return self._info
+
+    def members(self) -> list[MemberRow]:
+        return _read_members(self._conn, self._run_id)
+
+    def put_members(self, rows: Sequence[MemberRow]) -> None:
+        if not rows:
+            return
+        m = members_table
+        existing = {
+            r[0] for r in self._conn.execute(sa.select(m.c.id).where(m.c.run_id == self._run_id))
+        }
+        values = [_member_values(self._run_id, row) for row in rows]
+        updates = [v for v in values if v["id"] in existing]
+        inserts = [v for v in values if v["id"] not in existing]
+        if inserts:
+            self._conn.execute(sa.insert(m), inserts)
+        if updates:
+            stmt = (
+                sa.update(m)
+                .where(m.c.run_id == sa.bindparam("b_run"), m.c.id == sa.bindparam("b_id"))
+                .values(
+                    state=sa.bindparam("state"),
+                    step=sa.bindparam("step"),
+                    status=sa.bindparam("status"),
+                    owner=sa.bindparam("owner"),
+                    heartbeat=sa.bindparam("heartbeat"),
+                    checkpoint=sa.bindparam("checkpoint"),
+                    checkpoint_step=sa.bindparam("checkpoint_step"),
+                    attempts=sa.bindparam("attempts"),
+                )
+            )
+            params = []
+            for v in updates:
+                p = {k: v[k] for k in v if k not in ("run_id", "id")}
+                p["b_run"], p["b_id"] = v["run_id"], v["id"]
+                params.append(p)
+            self._conn.execute(stmt, params)
+
+    def set_controller(self, generation: int, pending: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == self._run_id)
+            .values(generation=generation, pending=dict(pending), updated=time.time())
+        )
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        self._conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == self._run_id)
+            .values(status=status, error=error, updated=time.time())
+        )
+
+    def add_results(self, rows: Sequence[ResultRow]) -> None:
+        if rows:
+            self._conn.execute(
+                sa.insert(results_table),
+                [
+                    {
+                        "run_id": self._run_id,
+                        "member": r.member,
+                        "step": r.step,
+                        "score": r.score,
+                        "metrics": dict(r.metrics),
+                    }
+                    for r in rows
+                ],
+            )
+
+    def event_count(self) -> int:
+        return int(
+            self._conn.execute(
+                sa.select(runs_table.c.event_count).where(runs_table.c.id == self._run_id)
+            ).scalar_one()
+        )
+
+    def add_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        if not events:
+            return
+        self._conn.execute(
+            sa.insert(events_table),
+            [
+                {
+                    "run_id": self._run_id,
+                    "idx": e["index"],
+                    "member": e["member"],
+                    "step": e["step"],
+                    "donor": e["donor"],
+                    "donor_step": e["donor_step"],
+                    "kind": e["kind"],
+                    "old_hparams": dict(e["old_hparams"]),
+                    "new_hparams": dict(e["new_hparams"]),
+                    "operations": dict(e["operations"]),
+                }
+                for e in events
+            ],
+        )
+        top = max(int(e["index"]) for e in events) + 1
+        self._conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == self._run_id, runs_table.c.event_count < top)
+            .values(event_count=top)
+        )
+
+    def add_checkpoint(self, member: int, step: int, location: str, size: int) -> CheckpointRow:
+        now = time.time()
+        res = self._conn.execute(
+            sa.insert(checkpoints_table).values(
+                run_id=self._run_id, member=member, step=step, location=location, size=size,
+                created=now,
+            )
+        )
+        pk = res.inserted_primary_key
+        assert pk is not None  # noqa: S101 (the database always returns it)
+        return CheckpointRow(int(pk[0]), member, step, location, size, now)
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        return _read_checkpoints(self._conn, self._run_id)
+
+    def delete_checkpoints(self, locations: Sequence[str]) -> None:
+        if locations:
+            c = checkpoints_table
+            self._conn.execute(
+                sa.delete(c).where(c.c.run_id == self._run_id, c.c.location.in_(list(locations)))
+            )
+
+    def add_failure(self, failure: FailureRow) -> None:
+        self._conn.execute(
+            sa.insert(failures_table).values(
+                run_id=self._run_id,
+                member=failure.member,
+                step=failure.step,
+                attempt=failure.attempt,
+                traceback=failure.traceback,
+                time=failure.time,
+            )
+        )
+
+
+def _member_values(run_id: int, row: MemberRow) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "id": row.id,
+        "state": dict(row.state),
+        "step": int(row.state["step"]),
+        "status": str(row.state["status"]),
+        "owner": row.owner,
+        "heartbeat": row.heartbeat,
+        "checkpoint": row.checkpoint,
+        "checkpoint_step": row.checkpoint_step,
+        "attempts": row.attempts,
+    }
+
+
+def _read_members(conn: Connection, run_id: int) -> list[MemberRow]:
+    m = members_table
+    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.id))
+    return [
+        MemberRow(
+            state=r.state,
+            owner=r.owner,
+            heartbeat=r.heartbeat,
+            checkpoint=r.checkpoint,
+            checkpoint_step=r.checkpoint_step,
+            attempts=r.attempts,
+        )
+        for r in rows
+    ]
+
+
+def _read_checkpoints(conn: Connection, run_id: int) -> list[CheckpointRow]:
+    c = checkpoints_table
+    rows = conn.execute(sa.select(c).where(c.c.run_id == run_id).order_by(c.c.id))
+    return [CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created) for r in rows]
+
+
+def _run_info(r: Any) -> RunInfo:
+    return RunInfo(
+        name=r.name,
+        config=r.config,
+        fingerprint=r.fingerprint,
+        status=r.status,
+        source=r.source,
+        checkpoint_root=r.checkpoint_root,
+        created=r.created,
+        updated=r.updated,
+        error=r.error,
+        generation=r.generation,
+        pending=r.pending or {},
+    )
+
+
+class SQLStorage(Storage):
+    """Runs in a SQL database.
+
+    Args:
+        url: A SQLAlchemy URL: ``sqlite:///path/to/poptune.db`` or
+            ``postgresql+psycopg://user:password@host/db`` (``postgresql://`` means psycopg 3).
+        create: Create the schema when the database has none (default True).
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise StorageError(
+                f"Not a storage URL: {redact_url(url)!r}. Expected sqlite:///FILE.db or "
+                "postgresql+psycopg://USER@HOST/DB."
+            ) from None
+        self.url = parsed
+        self.display_url = redact_url(parsed)
+        backend = parsed.get_backend_name()
+        if backend == "postgresql":
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            try:
+                import psycopg  # noqa: F401
+            except ImportError as e:
+                raise ImportError(
+                    "PostgreSQL storage needs psycopg 3: pip install 'poptune[postgres]'"
+                ) from e
+        elif backend != "sqlite":
+            raise StorageError(
+                f"Unsupported storage {self.display_url!r}: poptune stores runs in SQLite "
+                "(sqlite:///FILE.db) or PostgreSQL (postgresql+psycopg://...)."
+            )
+        self.dialect = backend
+        self.engine = self._make_engine(parsed)
+        self._local = threading.local()
+        try:
+            self._check_schema(create)
+        except sa.exc.OperationalError as e:
+            self.engine.dispose()
+            raise StorageError(
+                f"Cannot reach storage {self.display_url}: {_scrub(str(e.orig), self.url)}"
+            ) from None
+        except Exception:
+            self.engine.dispose()
+            raise
+
+    def _make_engine(self, url: sa.URL) -> Engine:
+        if self.dialect == "sqlite":
+            engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+            @sa.event.listens_for(engine, "connect")
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                # Manage transactions ourselves: pysqlite's implicit BEGIN would defer locks.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA busy_timeout=60000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+            @sa.event.listens_for(engine, "begin")
+            def _on_begin(conn: Connection) -> None:
+                # Writers take the write lock up front, so two never deadlock on upgrade;
+                # readers start a deferred transaction and never block a writer (WAL).
+                write = conn.get_execution_options().get("poptune_write", False)
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A connection in a write transaction (committed on success, rolled back on error)."""
+        with self.engine.connect().execution_options(poptune_write=True) as conn, conn.begin():
+            yield conn
+
+    def _check_schema(self, create: bool) -> None:
+        with self._write() as conn:
+            if self.dialect == "postgresql":
+                # Serialises concurrent first-time set-up by several workers.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(740317)"))
+            tables = set(sa.inspect(conn).get_table_names())
+            ours = {t.name for t in metadata.sorted_tables}
+            if "poptune_meta" not in tables:
+                if tables & ours:
+                    raise StorageError(
+                        f"{self.display_url} has poptune tables but no poptune_meta table: it "
+                        "was not written by poptune, or is damaged. Use another database."
+                    )
+                if not create:
+                    raise StorageError(f"{self.display_url} holds no poptune runs.")
+                metadata.create_all(conn)
+                conn.execute(
+                    sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+                return
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+            version = int(row[0]) if row is not None else 0
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.display_url} was written by a newer poptune (schema version "
+                    f"{version}; this poptune reads version {SCHEMA_VERSION}). Upgrade poptune: "
+                    "pip install -U poptune."
+                )
+            while version < SCHEMA_VERSION:
+                migrate = MIGRATIONS.get(version)
+                if migrate is None:
+                    raise StorageError(
+                        f"{self.display_url} uses schema version {version}, which this poptune "
+                        f"(schema {SCHEMA_VERSION}) cannot migrate. Export its runs with the "
+                        "poptune that wrote them (`poptune export`), or use a new database."
+                    )
+                migrate(conn)
+                version += 1
+                conn.execute(
+                    sa.update(meta_table)
+                    .where(meta_table.c.key == "schema_version")
+                    .values(value=str(version))
+                )
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def _run_row(self, conn: Connection, name: str, *, lock: bool = False) -> Any:
+        stmt = sa.select(runs_table).where(runs_table.c.name == name)
+        if lock and self.dialect == "postgresql":
+            stmt = stmt.with_for_update()
+        row = conn.execute(stmt).first()
+        if row is None:
+            raise StorageError(f"No run named {name!r} in {self.display_url}.")
+        return row
+
+    def create_run(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        fingerprint: str,
+        *,
+        source: str | None = None,
+        checkpoint_root: str | None = None,
+        members: Sequence[MemberRow] = (),
+    ) -> RunInfo:
+        now = time.time()
+        try:
+            with self._write() as conn:
+                res = conn.execute(
+                    sa.insert(runs_table).values(
+                        name=name,
+                        config=dict(config),
+                        fingerprint=fingerprint,
+                        status="created",
+                        source=source,
+                        checkpoint_root=checkpoint_root,
+                        generation=0,
+                        pending={},
+                        event_count=0,
+                        created=now,
+                        updated=now,
+                    )
+                )
+                pk = res.inserted_primary_key
+                assert pk is not None  # noqa: S101
+                if members:
+                    conn.execute(
+                        sa.insert(members_table), [_member_values(int(pk[0]), m) for m in members]
+                    )
+                return _run_info(self._run_row(conn, name))
+        except sa.exc.IntegrityError:
+            raise RunExists(f"A run named {name!r} already exists in {self.display_url}.") from None
+
+    def get_run(self, name: str) -> RunInfo | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs_table).where(runs_table.c.name == name)).first()
+            return None if row is None else _run_info(row)
+
+    def list_runs(self) -> list[RunInfo]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(runs_table).order_by(runs_table.c.id))
+            return [_run_info(r) for r in rows]
+
+    def update_run(
+        self,
+        name: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+        fingerprint: str | None = None,
+        source: str | None = None,
+        status: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        values: dict[str, Any] = {"updated": time.time()}
+        if config is not None:
+            values["config"] = dict(config)
+        if fingerprint is not None:
+            values["fingerprint"] = fingerprint
+        if source is not None:
+            values["source"] = source
+        if status is not None:
+            values["status"], values["error"] = status, error
+        with self._write() as conn:
+            self._run_row(conn, name, lock=True)
+            conn.execute(sa.update(runs_table).where(runs_table.c.name == name).values(**values))
+
+    @contextlib.contextmanager
+    def transaction(self, name: str) -> Iterator[Transaction]:
+        with self._write() as conn:
+            row = self._run_row(conn, name, lock=True)
+            yield _SQLTransaction(conn, int(row.id), row)
+
+    def heartbeat(self, name: str, owner: str, now: float) -> int:
+        m = members_table
+        with self._write() as conn:
+            run_id = sa.select(runs_table.c.id).where(runs_table.c.name == name).scalar_subquery()
+            res = conn.execute(
+                sa.update(m).where(m.c.run_id == run_id, m.c.owner == owner).values(heartbeat=now)
+            )
+            return int(res.rowcount or 0)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _read(self, name: str, fn: Callable[[Connection, int], Any]) -> Any:
+        with self.engine.connect() as conn:
+            return fn(conn, int(self._run_row(conn, name).id))
+
+    def members(self, name: str) -> list[MemberRow]:
+        return list(self._read(name, _read_members))
+
+    def results(self, name: str) -> list[ResultRow]:
+        def read(conn: Connection, run_id: int) -> list[ResultRow]:
+            r = results_table
+            rows = conn.execute(
+                sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics)
+                .where(r.c.run_id == run_id)
+                .order_by(r.c.id)
+            )
+            return [
+                ResultRow(x.member, x.step, math.nan if x.score is None else x.score, x.metrics)
+                for x in rows
+            ]
+
+        return list(self._read(name, read))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        def read(conn: Connection, run_id: int) -> list[dict[str, Any]]:
+            e = events_table
+            rows = conn.execute(sa.select(e).where(e.c.run_id == run_id).order_by(e.c.idx))
+            return [
+                {
+                    "index": x.idx,
+                    "member": x.member,
+                    "step": x.step,
+                    "donor": x.donor,
+                    "donor_step": x.donor_step,
+                    "kind": x.kind,
+                    "old_hparams": x.old_hparams,
+                    "new_hparams": x.new_hparams,
+                    "operations": x.operations,
+                }
+                for x in rows
+            ]
+
+        return list(self._read(name, read))
+
+    def checkpoints(self, name: str) -> list[CheckpointRow]:
+        return list(self._read(name, _read_checkpoints))
+
+    def failures(self, name: str) -> list[FailureRow]:
+        def read(conn: Connection, run_id: int) -> list[FailureRow]:
+            f = failures_table
+            rows = conn.execute(sa.select(f).where(f.c.run_id == run_id).order_by(f.c.id))
+            return [FailureRow(x.member, x.step, x.attempt, x.traceback, x.time) for x in rows]
+
+        return list(self._read(name, read))
+
+    def close(self) -> None:
+        self.engine.dispose()
