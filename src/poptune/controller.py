@@ -220,6 +220,7 @@ class PBT:
         self.window_size = max(self.exploit.window if isinstance(self.exploit, TTest) else 1, 1)
         self.generation = 0
         self._pending: dict[int, Decision] = {}
+        self._candidate_memo: dict[int, tuple[float | None, list[float], Candidate]] = {}
         self.members: dict[int, MemberState] = {}
         for i, hp in enumerate(self._initial(initial_hparams)):
             self.members[i] = MemberState(id=i, hparams=hp)
@@ -351,7 +352,8 @@ class PBT:
         donor = self.members[top[int(rng.integers(len(top)))].id]
         new = MemberState(id=new_id, hparams=dict(donor.hparams), replaces=failed)
         self.members[new_id] = new
-        hparams, ops = dict(donor.hparams), {}
+        hparams: dict[str, Any] = dict(donor.hparams)
+        ops: dict[str, str] = {}
         if self.explore is not None:
             hparams, ops = self.explore(donor.hparams, self.space, rng)
         self._adopt(new, donor.to_dict(), hparams)
@@ -367,7 +369,14 @@ class PBT:
         return score if self.mode == "max" else -score
 
     def _candidate(self, m: MemberState) -> Candidate:
-        return Candidate(m.id, self._oriented(m.score), tuple(self._oriented(s) for s in m.window))
+        # Every decision ranks the whole population; a member's candidate is rebuilt only when
+        # its score or window changed, which keeps the cost per decision low as it grows.
+        memo = self._candidate_memo.get(m.id)
+        if memo is not None and memo[0] == m.score and memo[1] == m.window:
+            return memo[2]
+        c = Candidate(m.id, self._oriented(m.score), tuple(self._oriented(s) for s in m.window))
+        self._candidate_memo[m.id] = (m.score, list(m.window), c)
+        return c
 
     def _candidates(self) -> list[Candidate]:
         return [
@@ -392,11 +401,14 @@ class PBT:
         donor_id: int | None = None
         if self.exploit is not None and len(candidates) >= 2:
             me = next((c for c in candidates if c.id == m.id), None)
-            if me is not None:
-                donor_id = self.exploit.select(me, candidates, rng)
+            if me is None:  # it reported no score: it ranks worst, so it is judged too
+                me = self._candidate(m)
+                candidates = [*candidates, me]
+            donor_id = self.exploit.select(me, candidates, rng)
         if donor_id is not None and donor_id != m.id:
             donor = donor_state(donor_id)
-            hparams, ops = dict(donor["hparams"]), {}
+            hparams = dict(donor["hparams"])
+            ops: dict[str, str] = {}
             if self.explore is not None:
                 hparams, ops = self.explore(donor["hparams"], self.space, rng)
             self._adopt(m, donor, hparams)

@@ -13,21 +13,34 @@ from poptune.storage.base import (
     StorageError,
     Transaction,
 )
-from poptune.storage.memory import InMemoryStorage
+from poptune.storage.checkpoints import (
+    CheckpointInfo,
+    CheckpointRef,
+    CheckpointStore,
+    check_run_name,
+    select_for_deletion,
+)
+from poptune.storage.memory import InMemoryStorage, MemoryCheckpointStore
 
 __all__ = [
+    "CheckpointInfo",
+    "CheckpointRef",
     "CheckpointRow",
+    "CheckpointStore",
     "FailureRow",
     "InMemoryStorage",
     "MemberRow",
+    "MemoryCheckpointStore",
     "ResultRow",
     "RunExists",
     "RunInfo",
     "Storage",
     "StorageError",
     "Transaction",
+    "check_run_name",
     "open_storage",
     "redact_url",
+    "select_for_deletion",
 ]
 
 DEFAULT_URL = "sqlite:///poptune.db"

@@ -36,7 +36,27 @@ class _Run:
 
 
 def _freeze_member(row: MemberRow) -> MemberRow:
-    return replace(row, state=copy.deepcopy(dict(row.state)))
+    state = row.state
+    hparams, window = state.get("hparams"), state.get("window")
+    if isinstance(hparams, dict) and isinstance(window, list):
+        # MemberState.to_dict(): flat values plus these two containers of plain values.
+        copied = dict(state)
+        copied["hparams"], copied["window"] = dict(hparams), list(window)
+        if all(not isinstance(v, (dict, list)) for v in copied["hparams"].values()):
+            return replace(row, state=copied)
+    return replace(row, state=copy.deepcopy(dict(state)))
+
+
+# Stored records are copied on the way in and on the way out (contract rule 4): a caller that
+# mutates a dict it passed in or got back never changes what the storage holds.
+def _copy_info(info: RunInfo) -> RunInfo:
+    return replace(
+        info, config=copy.deepcopy(dict(info.config)), pending=copy.deepcopy(dict(info.pending))
+    )
+
+
+def _copy_result(row: ResultRow) -> ResultRow:
+    return replace(row, metrics=dict(row.metrics))
 
 
 class _MemoryTransaction(Transaction):
@@ -53,25 +73,26 @@ class _MemoryTransaction(Transaction):
         self._info = run.info
 
     def run(self) -> RunInfo:
-        return self._info
+        return _copy_info(self._info)
 
     def members(self) -> list[MemberRow]:
         merged = dict(self._run.members)
         merged.update(self._members)
-        return [merged[k] for k in sorted(merged)]
+        return [_freeze_member(merged[k]) for k in sorted(merged)]
 
     def put_members(self, rows: Sequence[MemberRow]) -> None:
         for row in rows:
             self._members[row.id] = _freeze_member(row)
 
     def set_controller(self, generation: int, pending: Mapping[str, Any]) -> None:
-        self._info = replace(self._info, generation=generation, pending=copy.deepcopy(dict(pending)))
+        pending = copy.deepcopy(dict(pending))
+        self._info = replace(self._info, generation=generation, pending=pending)
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self._info = replace(self._info, status=status, error=error)
 
     def add_results(self, rows: Sequence[ResultRow]) -> None:
-        self._results.extend(rows)
+        self._results.extend(_copy_result(r) for r in rows)
 
     def add_events(self, events: Sequence[Mapping[str, Any]]) -> None:
         self._events.extend(copy.deepcopy(dict(e)) for e in events)
@@ -153,16 +174,17 @@ class InMemoryStorage(Storage):
             run = _Run(info)
             run.members = {m.id: _freeze_member(m) for m in members}
             self._runs[name] = run
-            return info
+            return _copy_info(info)
 
     def get_run(self, name: str) -> RunInfo | None:
         with self._lock:
             run = self._runs.get(name)
-            return None if run is None else run.info
+            return None if run is None else _copy_info(run.info)
 
     def list_runs(self) -> list[RunInfo]:
         with self._lock:
-            return sorted((r.info for r in self._runs.values()), key=lambda i: i.created)
+            infos = sorted((r.info for r in self._runs.values()), key=lambda i: i.created)
+            return [_copy_info(i) for i in infos]
 
     def update_run(
         self,
@@ -208,11 +230,11 @@ class InMemoryStorage(Storage):
     def members(self, name: str) -> list[MemberRow]:
         with self._lock:
             run = self._get(name)
-            return [run.members[k] for k in sorted(run.members)]
+            return [_freeze_member(run.members[k]) for k in sorted(run.members)]
 
     def results(self, name: str) -> list[ResultRow]:
         with self._lock:
-            return list(self._get(name).results)
+            return [_copy_result(r) for r in self._get(name).results]
 
     def events(self, name: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -92,12 +92,12 @@ members_table = sa.Table(
     sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("state", _JSON, nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("owner", sa.String(200)),
     sa.Column("heartbeat", sa.Float),
     sa.Column("checkpoint", sa.Text),
-    sa.Column("checkpoint_step", sa.Integer),
+    sa.Column("checkpoint_step", sa.BigInteger),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
 )
 results_table = sa.Table(
@@ -106,7 +106,7 @@ results_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
     sa.Column("member", sa.Integer, nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("score", _ExactFloat),
     sa.Column("metrics", _JSON, nullable=False),
     sa.Index("ix_poptune_results_run", "run_id", "id"),
@@ -117,9 +117,9 @@ events_table = sa.Table(
     sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
     sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("member", sa.Integer, nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("donor", sa.Integer),
-    sa.Column("donor_step", sa.Integer),
+    sa.Column("donor_step", sa.BigInteger),
     sa.Column("kind", sa.String(20), nullable=False),
     sa.Column("old_hparams", _JSON, nullable=False),
     sa.Column("new_hparams", _JSON, nullable=False),
@@ -131,7 +131,7 @@ checkpoints_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
     sa.Column("member", sa.Integer, nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("location", sa.Text, nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
@@ -143,7 +143,7 @@ failures_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
     sa.Column("member", sa.Integer, nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("traceback", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
@@ -407,7 +407,8 @@ class SQLStorage(Storage):
         self._local = threading.local()
         try:
             self._check_schema(create)
-        except sa.exc.OperationalError as e:
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.ProgrammingError) as e:
+            # Raised while connecting (unreachable server, bad credentials or options).
             self.engine.dispose()
             raise StorageError(
                 f"Cannot reach storage {self.display_url}: {_scrub(str(e.orig), self.url)}"
@@ -439,7 +440,10 @@ class SQLStorage(Storage):
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             return engine
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+        return sa.create_engine(
+            url, pool_pre_ping=True, pool_size=2, max_overflow=4,
+            connect_args={"connect_timeout": 10},
+        )
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -584,9 +588,17 @@ class SQLStorage(Storage):
     def heartbeat(self, name: str, owner: str, now: float) -> int:
         m = members_table
         with self._write() as conn:
-            run_id = sa.select(runs_table.c.id).where(runs_table.c.name == name).scalar_subquery()
+            # The run row first, as every transaction does: rows are always locked in the same
+            # order, so a heartbeat never deadlocks with a commit on PostgreSQL.
+            row = conn.execute(
+                sa.select(runs_table.c.id).where(runs_table.c.name == name).with_for_update()
+                if self.dialect == "postgresql"
+                else sa.select(runs_table.c.id).where(runs_table.c.name == name)
+            ).first()
+            if row is None:
+                return 0
             res = conn.execute(
-                sa.update(m).where(m.c.run_id == run_id, m.c.owner == owner).values(heartbeat=now)
+                sa.update(m).where(m.c.run_id == row[0], m.c.owner == owner).values(heartbeat=now)
             )
             return int(res.rowcount or 0)
 

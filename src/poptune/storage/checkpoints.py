@@ -1,0 +1,551 @@
+"""Checkpoint files for the members of PBT runs: atomic writes, confined reads, pure retention.
+
+A `CheckpointStore` keeps each saved member state in its own file,
+``<root>/<run>/member-00003/step-000000120-<12 hex>.ckpt``, and names it by that *location*
+relative to ``root``. A save writes a ``.tmp-`` file in the same directory, flushes and fsyncs
+it, and renames it to its final name, so a reader (or a resumed run) never sees a half-written
+checkpoint: a crash or ``SIGKILL`` at any point leaves either the complete new file or none,
+plus at worst a temporary file that `CheckpointStore.cleanup_temporary` removes.
+
+Each file starts with a 9-byte header (``b"POPTUNE1"`` and one format byte): states holding
+torch objects are written with ``torch.save``, everything else with ``pickle`` (protocol 5).
+
+`select_for_deletion` decides which checkpoints a retention policy may delete. It does no I/O;
+the caller deletes what it returns with `CheckpointStore.delete`.
+
+    >>> import tempfile
+    >>> store = CheckpointStore(tempfile.mkdtemp(), fsync=False)
+    >>> info = store.save("demo", member=0, step=10, state={"w": [1.0, 2.0]})
+    >>> info.format, store.load(info.location)
+    ('pickle', {'w': [1.0, 2.0]})
+
+Loading unpickles the file (or runs ``torch.load`` with ``weights_only=False``), which can run
+code that the file names. That is safe only because a store loads nothing but the files under
+its own root, which it wrote: keep that directory writable by trusted users only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import operator
+import os
+import pickle
+import posixpath
+import re
+import sys
+import uuid
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal, cast
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointRef",
+    "CheckpointStore",
+    "check_run_name",
+    "select_for_deletion",
+]
+
+Format = Literal["pickle", "torch"]
+
+_MAGIC = b"POPTUNE1"
+_FORMAT_BYTES: dict[Format, bytes] = {"pickle": b"P", "torch": b"T"}
+_FORMATS: dict[bytes, Format] = {v: k for k, v in _FORMAT_BYTES.items()}
+_HEADER_SIZE = len(_MAGIC) + 1
+_TMP_PREFIX = ".tmp-"
+_RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}", re.ASCII)
+
+
+def check_run_name(name: str) -> str:
+    """Returns ``name`` if it is a safe run name, which cannot leave the checkpoint directory.
+
+    A run name is 1-200 ASCII letters, digits, ``-``, ``_`` or ``.``, and does not start with
+    ``.`` (so it is never ``.``, ``..`` or hidden, and never holds a path separator).
+
+    Raises:
+        ValueError: ``name`` is not a safe run name.
+    """
+    if not isinstance(name, str) or _RUN_NAME.fullmatch(name) is None:
+        raise ValueError(
+            "Run name must be 1-200 characters of letters, digits, '-', '_' or '.', not "
+            f"starting with '.'; got {name!r}."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `CheckpointStore.save` wrote.
+
+    Attributes:
+        location: The checkpoint's path relative to the store's root, with ``/`` separators;
+            pass it to `CheckpointStore.load`.
+        size: The file's size in bytes, header included.
+        format: ``"torch"`` when written with ``torch.save``, else ``"pickle"``.
+    """
+
+    location: str
+    size: int
+    format: Format
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One existing checkpoint, as `select_for_deletion` sees it.
+
+    Attributes:
+        location: The checkpoint's location in its store.
+        member: The member whose state it holds.
+        step: The training step it was saved at.
+        created: When it was saved, as a number that only grows (a sequence number or row id);
+            "most recent" means the largest ``created``, not the largest step, since a member
+            that exploits goes back to its donor's (smaller) step.
+    """
+
+    location: str
+    member: int
+    step: int
+    created: int
+
+
+def select_for_deletion(
+    checkpoints: Sequence[CheckpointRef], keep_last: int, protected: Collection[str]
+) -> list[str]:
+    """The locations a retention policy deletes: all but each member's ``keep_last`` newest.
+
+    Members are independent: one member's checkpoints never make another's old. A location in
+    ``protected`` (the state a member currently stands on, a pending exploit's donor state, the
+    best member's state) is never returned and does not use up one of the ``keep_last`` places.
+
+    Args:
+        checkpoints: Every checkpoint that may be deleted, in any order.
+        keep_last: How many of its most recent checkpoints each member keeps; at least 1.
+        protected: Locations that must not be deleted.
+
+    Returns:
+        The locations to delete, each once, in the order of ``checkpoints``.
+
+    Raises:
+        ValueError: ``keep_last < 1``.
+
+    Example:
+        >>> refs = [CheckpointRef(f"c{i}", member=0, step=i, created=i) for i in range(4)]
+        >>> select_for_deletion(refs, keep_last=2, protected={"c0"})
+        ['c1']
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"`keep_last >= 1` must hold, but got keep_last={keep_last!r}.")
+    by_member: dict[int, list[CheckpointRef]] = {}
+    for ref in checkpoints:
+        by_member.setdefault(ref.member, []).append(ref)
+    kept = set(protected)
+    for refs in by_member.values():
+        newest = sorted(refs, key=lambda r: r.created, reverse=True)[:keep_last]
+        kept.update(r.location for r in newest)
+    doomed: list[str] = []
+    for ref in checkpoints:
+        if ref.location not in kept:
+            kept.add(ref.location)  # each location once
+            doomed.append(ref.location)
+    return doomed
+
+
+class _HoldsTorch(Exception):
+    """Raised while pickling when the state turns out to hold a torch object."""
+
+
+class _TorchSpotter(pickle.Pickler):
+    """A pickler that stops at the first torch object, so such a state goes to ``torch.save``."""
+
+    def __init__(self, file: IO[bytes], tensor_type: type) -> None:
+        super().__init__(file, protocol=5)
+        self._tensor_type = tensor_type
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        module = getattr(cls, "__module__", None) or ""
+        if module == "torch" or module.startswith("torch.") or isinstance(obj, self._tensor_type):
+            raise _HoldsTorch
+        return NotImplemented
+
+
+def _dump_pickle(f: IO[bytes], state: object) -> bool:
+    """Writes the header and pickle of ``state``; False (stopping early) if it holds torch objects.
+
+    A state can only hold torch objects if torch has been imported, so torch is never imported
+    here, and without it the plain (C) pickler does the work.
+    """
+    f.write(_MAGIC + _FORMAT_BYTES["pickle"])
+    torch = sys.modules.get("torch")
+    tensor_type = getattr(torch, "Tensor", None)
+    if not isinstance(tensor_type, type):
+        pickle.dump(state, f, protocol=5)
+        return True
+    try:
+        _TorchSpotter(f, tensor_type).dump(state)
+    except _HoldsTorch:
+        return False
+    return True
+
+
+def _dump_torch(f: IO[bytes], state: object) -> None:
+    import torch
+
+    f.write(_MAGIC + _FORMAT_BYTES["torch"])
+    torch.save(state, f)
+
+
+def _read_format(f: IO[bytes], where: str) -> Format:
+    header = f.read(_HEADER_SIZE)
+    fmt = _FORMATS.get(header[-1:]) if header[:-1] == _MAGIC else None
+    if fmt is None:
+        raise ValueError(
+            f"A checkpoint must start with {_MAGIC!r} and a format byte, but {where} starts "
+            f"with {header!r}: it was not written by CheckpointStore."
+        )
+    return fmt
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of a file from its current position on, seen as position 0.
+
+    ``torch.load`` reads a zip archive, whose offsets count from the archive's first byte, not
+    from the file's (which is our header).
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        super().__init__()
+        self._f = f
+        self._start = f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._f.tell() - self._start
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            offset += self._start
+        return self._f.seek(offset, whence) - self._start
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._f.read(-1 if size is None else size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _load_payload(f: IO[bytes], fmt: Format) -> object:
+    if fmt == "pickle":
+        return pickle.load(f)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "This checkpoint was written with torch.save; loading it needs torch: "
+            "pip install 'poptune[torch]'."
+        ) from e
+    map_location = None if torch.cuda.is_available() else "cpu"
+    # weights_only=False: our states hold optimizer states, numpy arrays and user objects, and
+    # a store only loads the files under its own root, which it wrote (see the module docstring).
+    return torch.load(cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=False)
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a rename or a new entry in directory ``path`` durable (where the OS allows it)."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: directories cannot be opened to fsync
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_root(root: str) -> str | None:
+    """The local directory ``root`` names, or None if it is a URL for fsspec."""
+    if "::" not in root and "://" not in root:
+        return root
+    parts = urlsplit(root)
+    if "::" not in root and parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return unquote(parts.path)  # a plain file:// URL gets the fast, fsync'ed local path
+    return None
+
+
+class CheckpointStore:
+    """Saves, loads and deletes checkpoints of member states under one root directory.
+
+    Every save writes a new file with a unique name, so savers never overwrite each other: one
+    store may be shared by threads, and several processes may open the same root. A reader
+    never sees a partly written checkpoint (see the module docstring).
+
+    Args:
+        root: A local directory, created if missing, or an fsspec URL (``"memory://x"``,
+            ``"s3://bucket/prefix"``; needs ``pip install 'poptune[fsspec]'``). A plain
+            ``file://`` URL is treated as the local directory it names.
+        fsync: Whether a save fsyncs the file and its directory before returning, so the
+            checkpoint survives a power loss or OS crash, not only a crash of the process.
+            Local directories only; fsspec file systems are as durable as their ``close``.
+
+    Raises:
+        ImportError: ``root`` is a URL and fsspec is not installed.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self._url = os.fspath(root)
+        self._fsync = fsync
+        self._fs: Any = None
+        self._dirs: set[str] = set()  # directories known to exist
+        local = _local_root(self._url)
+        if local is not None:
+            os.makedirs(local, exist_ok=True)
+            self._root = os.path.realpath(local)
+            return
+        try:
+            import fsspec
+        except ImportError as e:
+            raise ImportError(
+                f"Checkpoint storage at the URL {self._url!r} needs fsspec: "
+                "pip install 'poptune[fsspec]'."
+            ) from e
+        self._fs, path = fsspec.core.url_to_fs(self._url)
+        self._root = str(path).rstrip("/")
+
+    @property
+    def root(self) -> str:
+        """The root as given (a path or URL)."""
+        return self._url
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self._url!r}, fsync={self._fsync})"
+
+    def save(self, run: str, member: int, step: int, state: object) -> CheckpointInfo:
+        """Writes ``state`` as a new checkpoint of ``member`` at ``step`` in ``run``.
+
+        Args:
+            run: The run's name (see `check_run_name`).
+            member: The member's id, ``>= 0``.
+            step: The training step, ``>= 0``.
+            state: Anything picklable: with ``torch.save`` if it holds torch objects (tensors,
+                state dicts of modules and optimizers), else with pickle.
+
+        Returns:
+            Where the checkpoint is, its size and its format.
+
+        Raises:
+            ValueError: ``run`` is not a safe run name, or ``member`` or ``step`` is negative.
+        """
+        check_run_name(run)
+        member = _non_negative("member", member)
+        step = _non_negative("step", step)
+        directory = f"{run}/member-{member:05d}"
+        name = f"step-{step:09d}-{uuid.uuid4().hex[:12]}.ckpt"
+        location = f"{directory}/{name}"
+        if self._fs is None:
+            size, fmt = self._save_local(directory, name, state)
+        else:
+            size, fmt = self._save_fsspec(directory, name, state)
+        return CheckpointInfo(location=location, size=size, format=fmt)
+
+    def load(self, location: str) -> object:
+        """Reads the checkpoint at ``location``, a location that `save` returned.
+
+        Tensors are mapped to the CPU when CUDA is not available.
+
+        Raises:
+            ValueError: ``location`` is outside this store's root, or the file is not a
+                checkpoint written by `save`.
+            FileNotFoundError: No checkpoint is there.
+        """
+        if self._fs is None:
+            path = self._local_path(location)
+            with open(path, "rb") as f:
+                return _load_payload(f, _read_format(f, repr(location)))
+        with self._fs.open(self._remote_path(location), "rb") as f:
+            return _load_payload(f, _read_format(f, repr(location)))
+
+    def delete(self, location: str) -> None:
+        """Deletes the checkpoint at ``location``; a missing one is not an error.
+
+        Raises:
+            ValueError: ``location`` is outside this store's root.
+        """
+        if self._fs is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._local_path(location))
+            return
+        path = self._remote_path(location)
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm(path)
+
+    def exists(self, location: str) -> bool:
+        """Whether a checkpoint is at ``location``.
+
+        Raises:
+            ValueError: ``location`` is outside this store's root.
+        """
+        if self._fs is None:
+            return os.path.isfile(self._local_path(location))
+        return bool(self._fs.isfile(self._remote_path(location)))
+
+    def cleanup_temporary(self, run: str) -> int:
+        """Removes the temporary files that interrupted saves left in ``run``; returns how many.
+
+        Call it when no process is saving into ``run`` (before resuming it): it would also
+        remove the temporary file of a save in progress, which would then fail.
+
+        Raises:
+            ValueError: ``run`` is not a safe run name.
+        """
+        check_run_name(run)
+        removed = 0
+        if self._fs is None:
+            for directory, _, files in os.walk(os.path.join(self._root, run)):
+                for name in files:
+                    if name.startswith(_TMP_PREFIX):
+                        try:
+                            os.remove(os.path.join(directory, name))
+                        except FileNotFoundError:
+                            continue
+                        removed += 1
+            return removed
+        top = f"{self._root}/{run}"
+        if not self._fs.exists(top):
+            return 0
+        for path in self._fs.find(top):
+            if posixpath.basename(path).startswith(_TMP_PREFIX):
+                try:
+                    self._fs.rm(path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
+
+    def _save_local(self, directory: str, name: str, state: object) -> tuple[int, Format]:
+        folder = os.path.join(self._root, *directory.split("/"))
+        self._make_local_dir(folder)
+        final = os.path.join(folder, name)
+        tmp = os.path.join(folder, _TMP_PREFIX + name)
+        f = self._create_local(folder, tmp)
+        try:
+            with f:
+                fmt: Format = "pickle"
+                if not _dump_pickle(f, state):
+                    f.seek(0)
+                    f.truncate()
+                    _dump_torch(f, state)
+                    fmt = "torch"
+                f.flush()
+                size = f.tell()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        if self._fsync:
+            _fsync_dir(folder)
+        return size, fmt
+
+    def _create_local(self, folder: str, tmp: str) -> IO[bytes]:
+        try:
+            return open(tmp, "xb")
+        except FileNotFoundError:  # the directory was removed since we made it
+            self._dirs.clear()
+            self._make_local_dir(folder)
+            return open(tmp, "xb")
+
+    def _make_local_dir(self, folder: str) -> None:
+        if folder in self._dirs:
+            return
+        missing = []
+        path = folder
+        while not os.path.isdir(path) and path != self._root:
+            missing.append(path)
+            path = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        if self._fsync:  # a new directory is durable once its parent's entry is
+            for path in reversed(missing):
+                _fsync_dir(os.path.dirname(path))
+        self._dirs.add(folder)
+
+    def _save_fsspec(self, directory: str, name: str, state: object) -> tuple[int, Format]:
+        folder = f"{self._root}/{directory}"
+        if folder not in self._dirs:
+            self._fs.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        final = f"{folder}/{name}"
+        tmp = f"{folder}/{_TMP_PREFIX}{name}"
+        try:
+            fmt: Format = "pickle"
+            with self._fs.open(tmp, "wb") as f:
+                done = _dump_pickle(f, state)
+                size = f.tell()
+            if not done:
+                with self._fs.open(tmp, "wb") as f:
+                    _dump_torch(f, state)
+                    size = f.tell()
+                fmt = "torch"
+            self._fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters, not this one
+                self._fs.rm(tmp)
+            raise
+        return int(size), fmt
+
+    def _local_path(self, location: str) -> str:
+        parts = self._check_location(location)
+        path = os.path.realpath(os.path.join(self._root, *parts))
+        if not path.startswith(self._root + os.sep):  # e.g. through a symlink
+            raise self._outside(location)
+        return path
+
+    def _remote_path(self, location: str) -> str:
+        return "/".join([self._root, *self._check_location(location)])
+
+    def _check_location(self, location: str) -> list[str]:
+        if not isinstance(location, str):
+            raise TypeError(f"A checkpoint location must be a str; got {location!r}.")
+        parts = location.split("/")
+        if (
+            not location
+            or location.startswith("/")
+            or os.path.isabs(location)
+            or "\\" in location
+            or "\0" in location
+            or ":" in parts[0]  # a drive ("C:") or a URL
+            or ".." in parts
+        ):
+            raise self._outside(location)
+        return parts
+
+    def _outside(self, location: object) -> ValueError:
+        return ValueError(
+            "A checkpoint location must be a relative path that stays inside the run's "
+            f"storage {self._url!r}; got {location!r}, which is outside it."
+        )
+
+
+def _non_negative(name: str, value: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, but got {name}={value!r}.")
+    return number
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)

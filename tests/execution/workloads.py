@@ -1,0 +1,120 @@
+"""Experiments for executor tests, configured by environment variables so that worker
+processes (which import this file again) build exactly the same one.
+
+``Counter``: x grows by ``lr`` (+ optional seeded noise) each step; the score is x. Its state
+holds x, its RNG and how many steps it has taken. It can:
+
+* detect two processes training the same member at once (``WL_LOCKS``: a folder; each step
+  holds an exclusive lock file named after the member's seed, and a step that finds the lock
+  held by another live process writes a ``VIOLATION`` file there);
+* sleep or spin for ``WL_DELAY`` seconds per step (``WL_SPIN=1``: burn CPU instead of sleeping);
+* fail (``WL_FAIL=seed:step:once|always``; ``once`` remembers in ``WL_MARKS`` that it failed).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+import poptune as pt
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+class Counter(pt.Trainable):
+    def __init__(self, hparams: Mapping[str, Any], seed: int) -> None:
+        super().__init__(hparams, seed)
+        self.rng = np.random.default_rng(seed)
+        self.x = 0.0
+        self.steps = 0
+
+    def _lock(self) -> str | None:
+        folder = os.environ.get("WL_LOCKS")
+        if not folder:
+            return None
+        path = os.path.join(folder, f"{self.seed}.lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        holder = int(f.read() or "0")
+                except (FileNotFoundError, ValueError):
+                    continue
+                alive = True
+                try:
+                    os.kill(holder, 0)
+                except ProcessLookupError:
+                    alive = False
+                if alive and holder != os.getpid():
+                    with open(os.path.join(folder, "VIOLATION"), "a") as f:
+                        f.write(f"member seed {self.seed}: pid {os.getpid()} while {holder}\n")
+                    return None
+                os.unlink(path)  # left by a killed process
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return path
+
+    def _maybe_fail(self) -> None:
+        spec = os.environ.get("WL_FAIL")
+        if not spec:
+            return
+        seed, step, mode = spec.split(":")
+        if int(seed) != self.seed or int(step) != self.steps:
+            return
+        if mode == "once":
+            mark = os.path.join(os.environ["WL_MARKS"], f"{seed}-{step}")
+            if os.path.exists(mark):
+                return
+            open(mark, "w").close()
+        raise RuntimeError(f"injected failure at step {self.steps}")
+
+    def step(self) -> dict[str, float]:
+        lock = self._lock()
+        try:
+            delay = float(_env("WL_DELAY", "0"))
+            if delay and _env("WL_SPIN", "0") == "1":
+                end = time.perf_counter() + delay
+                while time.perf_counter() < end:
+                    pass
+            elif delay:
+                time.sleep(delay)
+            self.steps += 1
+            self._maybe_fail()
+            noise = float(_env("WL_NOISE", "0.01"))
+            self.x = self.x + self.hparams["lr"] + noise * float(self.rng.standard_normal())
+            return {"score": self.x, "x": self.x, "taken": float(self.steps)}
+        finally:
+            if lock is not None:
+                os.unlink(lock)
+
+    def state_dict(self) -> object:
+        return {"x": self.x, "rng": self.rng.bit_generator.state, "steps": self.steps}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.x = float(state["x"])
+        self.rng.bit_generator.state = state["rng"]
+        self.steps = int(state["steps"])
+
+
+def counter() -> pt.Experiment:
+    """The experiment the environment describes."""
+    return pt.Experiment(
+        trainable=Counter,
+        space={"lr": pt.Float(0.01, 1.0, log=True)},
+        population_size=int(_env("WL_POP", "4")),
+        steps=int(_env("WL_STEPS", "40")),
+        interval=int(_env("WL_INTERVAL", "5")),
+        exploit=pt.Truncation(0.25),
+        explore=pt.Perturb(),
+        synchronous=_env("WL_SYNC", "0") == "1",
+        seed=int(_env("WL_SEED", "0")),
+    )
