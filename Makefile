@@ -14,10 +14,13 @@ $(BIN)/.ready: pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $@
 
+# The main job: the paper's toy problem as a persistent run in ./poptune.db (SQLite), then
+# PBT against explore-only, exploit-only and grid search over 100 seeds, with a plot.
 demo: $(BIN)/.ready
+	$(BIN)/poptune run examples/toy_quadratic.py --storage sqlite:///poptune.db
 	$(BIN)/python examples/toy_quadratic.py --seeds 100 --plot toy_quadratic.png
 
-test: $(BIN)/.ready
+test: $(BIN)/.ready lint
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.ready
@@ -27,6 +30,7 @@ lint: $(BIN)/.ready
 
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/persistence.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -99,15 +99,17 @@ def compare(seeds: range) -> dict[str, list[Outcome]]:
 
 
 def table(outcomes: dict[str, list[Outcome]]) -> str:
-    lines = [f"{'variant':<14}{'Q>1.18 by 200':>15}{'median step':>13}{'final Q median':>16}"
-             f"{'max':>10}"]
+    lines = [
+        f"{'variant':<14}{'Q>1.18 by 200':>15}{'median step':>13}{'final Q median':>16}{'max':>10}"
+    ]
     for variant, outs in outcomes.items():
         hits = [o.first_hit for o in outs if o.first_hit is not None]
         rate = f"{len(hits)}/{len(outs)}"
         med = f"{int(np.median(hits))}" if hits else "-"
         finals = [o.final_q for o in outs]
-        lines.append(f"{variant:<14}{rate:>15}{med:>13}{np.median(finals):>16.5f}"
-                     f"{max(finals):>10.5f}")
+        lines.append(
+            f"{variant:<14}{rate:>15}{med:>13}{np.median(finals):>16.5f}{max(finals):>10.5f}"
+        )
     return "\n".join(lines)
 
 
@@ -129,10 +131,19 @@ def plot(path: str, seed: int = 0) -> None:
         top.contour(xx, yy, 1.2 - xx**2 - yy**2, levels=12, cmap="Greys", linewidths=0.5)
         for member, color in ((0, "tab:blue"), (1, "tab:orange")):
             rows = [r for r in result.history if r.member == member]
-            top.plot([0.9] + [r.metrics["theta0"] for r in rows],
-                     [0.9] + [r.metrics["theta1"] for r in rows], ".", ms=2, color=color)
-            bottom.plot([r.step for r in rows], [r.score for r in rows], color=color,
-                        label=f"member {member}")
+            top.plot(
+                [0.9] + [r.metrics["theta0"] for r in rows],
+                [0.9] + [r.metrics["theta1"] for r in rows],
+                ".",
+                ms=2,
+                color=color,
+            )
+            bottom.plot(
+                [r.step for r in rows],
+                [r.score for r in rows],
+                color=color,
+                label=f"member {member}",
+            )
         top.set_title(variant)
         top.set_xlabel("θ0")
         top.set_ylabel("θ1")
@@ -150,8 +161,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--plot", metavar="PNG", help="write θ trajectories and Q to this PNG")
     args = parser.parse_args()
-    print(f"Toy quadratic (paper Fig. 2): 2 members, {STEPS} steps, ready every {INTERVAL}, "
-          f"{args.seeds} seeds")
+    print(
+        f"Toy quadratic (paper Fig. 2): 2 members, {STEPS} steps, ready every {INTERVAL}, "
+        f"{args.seeds} seeds"
+    )
     print(table(compare(range(args.seeds))))
     if args.plot:
         plot(args.plot)

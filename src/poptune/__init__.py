@@ -51,6 +51,7 @@ def load(storage: "str | Storage", name: str) -> Result:
         if store is not storage:
             store.close()
 
+
 __all__ = [
     "PBT",
     "Candidate",

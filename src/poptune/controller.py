@@ -193,7 +193,7 @@ class PBT:
         steps: int | None = None,
         mode: str = "max",
         exploit: Exploit | None = Truncation(0.2),  # noqa: B008 (frozen, immutable)
-        explore: object = Perturb(),  # noqa: B008 (frozen, immutable)
+        explore: object = Perturb(),
         synchronous: bool = False,
         seed: int = 0,
         initial_hparams: Sequence[Mapping[str, Any]] | None = None,
@@ -358,7 +358,14 @@ class PBT:
             hparams, ops = self.explore(donor.hparams, self.space, rng)
         self._adopt(new, donor.to_dict(), hparams)
         return Decision(
-            "exploit", new_id, donor.step, donor.id, donor.score_step, hparams, dict(donor.hparams), ops
+            "exploit",
+            new_id,
+            donor.step,
+            donor.id,
+            donor.score_step,
+            hparams,
+            dict(donor.hparams),
+            ops,
         )
 
     # -- judging -----------------------------------------------------------------------------
@@ -412,9 +419,7 @@ class PBT:
             if self.explore is not None:
                 hparams, ops = self.explore(donor["hparams"], self.space, rng)
             self._adopt(m, donor, hparams)
-            return Decision(
-                "exploit", m.id, step, donor_id, donor["score_step"], hparams, old, ops
-            )
+            return Decision("exploit", m.id, step, donor_id, donor["score_step"], hparams, old, ops)
         m.last_ready = m.step
         if self.exploit is None and self.explore is not None:
             hparams, ops = self.explore(m.hparams, self.space, rng)

@@ -64,7 +64,7 @@ class Experiment:
         metric: str = "score",
         mode: str = "max",
         exploit: Exploit | None = Truncation(0.2),  # noqa: B008 (frozen, immutable)
-        explore: object = Perturb(),  # noqa: B008 (frozen, immutable)
+        explore: object = Perturb(),
         synchronous: bool = False,
         seed: int = 0,
         initial_hparams: Sequence[Mapping[str, Any]] | None = None,

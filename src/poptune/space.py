@@ -53,7 +53,7 @@ class Parameter:
         raise NotImplementedError
 
     def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> tuple[Any, str]:
-        """Moves ``value`` by ``factor``; returns the new value and a short label of the move."""
+        """Moves ``value`` by ``factor``; returns the new value and a label of the move."""
         raise NotImplementedError
 
     def validate(self, name: str, value: Any) -> Any:
@@ -71,7 +71,8 @@ class Parameter:
 def _check_rule(name: str, rule: str) -> None:
     if rule not in ("auto", "multiply", "shift"):
         raise ValueError(
-            f"Parameter {name!r}: `perturb` must be 'auto', 'multiply' or 'shift', but got {rule!r}."
+            f"Parameter {name!r}: `perturb` must be 'auto', 'multiply' or 'shift', "
+            f"but got {rule!r}."
         )
 
 
@@ -116,11 +117,17 @@ class Float(Parameter):
     def _check(self, name: str) -> None:
         low, high = self.low, self.high
         if not (_is_number(low) and _is_number(high)):
-            raise ValueError(f"Parameter {name!r}: bounds must be numbers, but got ({low=}, {high=}).")
+            raise ValueError(
+                f"Parameter {name!r}: bounds must be numbers, but got ({low=}, {high=})."
+            )
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"Parameter {name!r}: bounds must be finite, but got ({low=}, {high=}).")
+            raise ValueError(
+                f"Parameter {name!r}: bounds must be finite, but got ({low=}, {high=})."
+            )
         if not low < high:
-            raise ValueError(f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=}).")
+            raise ValueError(
+                f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=})."
+            )
         if self.log and low <= 0:
             raise ValueError(
                 f"Parameter {name!r}: a log-scale range needs `low > 0`, but got ({low=}, {high=})."
@@ -146,7 +153,8 @@ class Float(Parameter):
             raise ValueError(f"Parameter {name!r}: expected a finite number, but got {value!r}.")
         if not self.low <= float(value) <= self.high:
             raise ValueError(
-                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], but got {value!r}."
+                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], "
+                f"but got {value!r}."
             )
         return float(value)
 
@@ -188,11 +196,17 @@ class Int(Parameter):
 
     def _check(self, name: str) -> None:
         low, high = self.low, self.high
-        ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (low, high))
+        ints = all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (low, high)
+        )
         if not ints:
-            raise ValueError(f"Parameter {name!r}: bounds must be integers, but got ({low=}, {high=}).")
+            raise ValueError(
+                f"Parameter {name!r}: bounds must be integers, but got ({low=}, {high=})."
+            )
         if not low < high:
-            raise ValueError(f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=}).")
+            raise ValueError(
+                f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=})."
+            )
         if self.log and low <= 0:
             raise ValueError(
                 f"Parameter {name!r}: a log-scale range needs `low > 0`, but got ({low=}, {high=})."
@@ -230,7 +244,8 @@ class Int(Parameter):
             raise ValueError(f"Parameter {name!r}: expected an integer, but got {value!r}.")
         if not self.low <= int(value) <= self.high:
             raise ValueError(
-                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], but got {value!r}."
+                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], "
+                f"but got {value!r}."
             )
         return int(value)
 
@@ -270,11 +285,15 @@ class Choice(Parameter):
 
     def _check(self, name: str) -> None:
         if len(self.values) == 0:
-            raise ValueError(f"Parameter {name!r}: a Choice needs at least one value, but got none.")
+            raise ValueError(
+                f"Parameter {name!r}: a Choice needs at least one value, but got none."
+            )
         seen: list[Any] = []
         for v in self.values:
             if any(_same(v, s) for s in seen):
-                raise ValueError(f"Parameter {name!r}: Choice values must be distinct; {v!r} repeats.")
+                raise ValueError(
+                    f"Parameter {name!r}: Choice values must be distinct; {v!r} repeats."
+                )
             seen.append(v)
 
     def _index(self, value: Any) -> int:
@@ -302,7 +321,8 @@ class Choice(Parameter):
         i = self._index(value)
         if i < 0:
             raise ValueError(
-                f"Parameter {name!r}: value must be one of {list(self.values)!r}, but got {value!r}."
+                f"Parameter {name!r}: value must be one of {list(self.values)!r}, "
+                f"but got {value!r}."
             )
         return self.values[i]
 
@@ -359,10 +379,13 @@ class Space(Mapping[str, Parameter]):
         checked: dict[str, Parameter] = {}
         for name, param in parameters.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"Hyperparameter names must be non-empty strings, but got {name!r}.")
+                raise ValueError(
+                    f"Hyperparameter names must be non-empty strings, but got {name!r}."
+                )
             if not isinstance(param, Parameter):
                 raise ValueError(
-                    f"Parameter {name!r}: expected pt.Float, pt.Int or pt.Choice, but got {param!r}."
+                    f"Parameter {name!r}: expected pt.Float, pt.Int or pt.Choice, "
+                    f"but got {param!r}."
                 )
             param._check(name)
             checked[name] = param
@@ -384,7 +407,9 @@ class Space(Mapping[str, Parameter]):
         """Draws one full set of hyperparameters from the priors."""
         return {name: param.sample(rng) for name, param in self._params.items()}
 
-    def validate(self, hparams: Mapping[str, Any], *, where: str = "hyperparameters") -> dict[str, Any]:
+    def validate(
+        self, hparams: Mapping[str, Any], *, where: str = "hyperparameters"
+    ) -> dict[str, Any]:
         """Checks that ``hparams`` names exactly this space's parameters with legal values."""
         if not isinstance(hparams, Mapping):
             raise ValueError(f"{where}: expected a dict of hyperparameters, but got {hparams!r}.")

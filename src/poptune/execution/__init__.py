@@ -63,8 +63,10 @@ def execute(
             "storage='sqlite:///FILE.db' or a PostgreSQL URL."
         )
     if executor == "processes" and url is None:
-        raise ValueError("executor='processes' needs the storage as a URL string, to open it in "
-                         "each worker process.")
+        raise ValueError(
+            "executor='processes' needs the storage as a URL string, to open it in "
+            "each worker process."
+        )
     name = name or "run"
     existing = store.get_run(name)
     root: str | None = None
@@ -73,16 +75,14 @@ def execute(
         root = root or default_checkpoint_root(url or "")
         if "://" not in root:
             root = os.path.abspath(root)
-    info = prepare_run(
-        experiment, store, name, resume=resume, source=source, checkpoint_root=root
-    )
+    info = prepare_run(experiment, store, name, resume=resume, source=source, checkpoint_root=root)
     if info.status != "completed":
         if in_memory:
             ckpt: Any = MemoryCheckpointStore()
         else:
             from poptune.storage.checkpoints import CheckpointStore
 
-            assert root is not None  # noqa: S101
+            assert root is not None
             ckpt = CheckpointStore(root)
             ckpt.cleanup_temporary(name)
         if executor == "serial":
@@ -92,6 +92,6 @@ def execute(
         else:
             from poptune.execution.processes import run_processes
 
-            assert url is not None and root is not None  # noqa: S101
+            assert url is not None and root is not None
             run_processes(experiment, store, url, name, root, workers, options, source)
     return load_result(store, name)

@@ -69,7 +69,7 @@ def apply_decision(
     state (an optimizer's lr) never overrides them. When a ``mutable=False`` hyperparameter
     (an architecture choice) differs, the member is rebuilt with the donor's before loading.
     """
-    assert decision.hparams is not None  # noqa: S101 (internal invariant, not input)
+    assert decision.hparams is not None
     hparams = dict(decision.hparams)
     if decision.copies_state or decision.donor is None:
         rebuild = decision.donor is None or any(

@@ -23,10 +23,12 @@ claims are released at once, without waiting for the heartbeat timeout).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -34,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from poptune.controller import PBT, Decision
+from poptune.controller import Decision
 from poptune.execution.common import (
     apply_decision,
     build_member,
@@ -52,7 +54,14 @@ from poptune.execution.session import (
     owner_alive,
     retention,
 )
-from poptune.storage.base import FailureRow, MemberRow, ResultRow, Storage, StorageError
+from poptune.storage.base import (
+    FailureRow,
+    MemberRow,
+    ResultRow,
+    Storage,
+    StorageError,
+    Transaction,
+)
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -82,7 +91,7 @@ def _load(spec: WorkerSpec) -> Experiment:
         from poptune.execution.source import load_experiment
 
         return load_experiment(spec.source)[0]
-    assert spec.experiment is not None  # noqa: S101
+    assert spec.experiment is not None
     exp: Experiment = pickle.loads(spec.experiment)
     return exp
 
@@ -102,6 +111,7 @@ class _Worker:
         self.cache: dict[int, tuple[str | None, Trainable]] = {}
         self.held: int | None = None
         self._stop = threading.Event()
+        self._parent = os.getppid()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -109,63 +119,74 @@ class _Worker:
         beat = threading.Thread(target=self._heartbeat, daemon=True, name="poptune-heartbeat")
         beat.start()
         try:
+            claimed: int | None = -1
             while True:
-                claimed = self._claim()
+                if os.getppid() != self._parent:
+                    break  # the coordinator is gone: stop; `poptune resume` continues the run
+                if claimed is not None and claimed < 0:
+                    claimed = self._claim()
                 if claimed is None:
                     break
                 if claimed < 0:
                     time.sleep(self.options.poll_interval)
                     continue
-                self._work(claimed)
+                # Committing a member claims the next one in the same transaction.
+                claimed = self._work(claimed)
         finally:
             self._stop.set()
             self._release_all()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.heartbeat_timeout / 4):
-            try:
+            with contextlib.suppress(Exception):  # a missed beat is retried
                 self.storage.heartbeat(self.spec.name, self.id, now())
-            except Exception:
-                pass
 
     def _claim(self) -> int | None:
         """A claimed member id; -1 when none is free yet; None when the run is over."""
         with self.storage.transaction(self.spec.name) as tx:
-            info = tx.run()
-            if info.status in ("completed", "failed", "interrupted"):
-                return None
-            rows = tx.members()
-            alive = [r for r in rows if r.state["status"] in ("running", "waiting")]
-            if not alive:
-                tx.set_status("completed")
-                return None
-            t = now()
-            running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
-            lag = self.options.max_lag or self.exp.interval
-            limit = (min(running) + lag) if running else 0
-            free = [
-                r
-                for r in alive
-                if r.state["status"] == "running"
-                and int(r.state["step"]) < limit
-                and (
-                    r.owner is None
-                    or not owner_alive(r.owner, r.heartbeat, self.options.heartbeat_timeout, t)
+            return self._pick(tx, tx.run().status, tx.members())
+
+    def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> int | None:
+        """Claims, in ``tx``, the free running member with the fewest steps (see `_claim`)."""
+        self.held = None
+        if status in ("completed", "failed", "interrupted"):
+            return None
+        alive = [r for r in rows if r.state["status"] in ("running", "waiting")]
+        if not alive:
+            tx.set_status("completed")
+            return None
+        t = now()
+        running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
+        lag = self.options.max_lag or 2 * self.exp.interval
+        limit = (min(running) + lag) if running else 0
+        free = [
+            r
+            for r in alive
+            if r.state["status"] == "running"
+            and int(r.state["step"]) < limit
+            and (
+                r.owner is None
+                or not owner_alive(r.owner, r.heartbeat, self.options.heartbeat_timeout, t)
+            )
+        ]
+        if not free:
+            return -1
+        pick = min(free, key=lambda r: (int(r.state["step"]), r.id))
+        tx.put_members(
+            [
+                MemberRow(
+                    pick.state, self.id, t, pick.checkpoint, pick.checkpoint_step, pick.attempts
                 )
             ]
-            if not free:
-                return -1
-            pick = min(free, key=lambda r: (int(r.state["step"]), r.id))
-            tx.put_members(
-                [MemberRow(pick.state, self.id, t, pick.checkpoint, pick.checkpoint_step, pick.attempts)]
-            )
+        )
         self.held = pick.id
         self._row = pick
         return pick.id
 
-    def _trainable(self, row: MemberRow) -> Trainable:
+    def _trainable(self, row: MemberRow, cached: tuple[str | None, Trainable] | None) -> Trainable:
+        """The member's trainable: the one in memory if it is at the stored checkpoint (no other
+        worker trained it since), else rebuilt from that checkpoint."""
         hparams = row.state["hparams"]
-        cached = self.cache.get(row.id)
         if cached is not None and cached[0] == row.checkpoint:
             trainable = cached[1]
             if trainable.hparams != hparams:
@@ -185,11 +206,13 @@ class _Worker:
             ready += exp.interval
         return min(ready, exp.steps)
 
-    def _work(self, mid: int) -> None:
+    def _work(self, mid: int) -> int | None:
+        """Trains a claimed member to its next ready point and commits; returns what
+        `_claim` would (the next member, already claimed)."""
         row = self._row
-        self.cache.pop(mid, None)
+        cached = self.cache.pop(mid, None)  # dropped for good if anything below fails
         try:
-            trainable = self._trainable(row)
+            trainable = self._trainable(row, cached)
             step, target = int(row.state["step"]), self._target(row.state)
             results: list[ResultRow] = []
             while step < target:
@@ -198,23 +221,24 @@ class _Worker:
                 results.append(ResultRow(mid, step, score, metrics))
         except Exception as exc:
             self._failed(mid, exc)
-            return
+            return -1
         saved = self.ckpts.save(self.spec.name, mid, step, trainable.state_dict())
         outcome = self._commit(mid, step, results, saved)
         if outcome is None:
-            return  # lost the claim: the work is dropped
-        decision, location, donor_location = outcome
+            return -1  # lost the claim: the work is dropped
+        decision, location, donor_location, claimed = outcome
         if decision is not None and decision.copies_state:
-            assert donor_location is not None  # noqa: S101
+            assert donor_location is not None
             state = self.ckpts.load(donor_location)
             trainable = apply_decision(self.exp, trainable, decision, state)
         elif decision is not None and decision.action == "explore":
             trainable = apply_decision(self.exp, trainable, decision, None)
         self.cache[mid] = (location, trainable)
+        return claimed
 
     def _commit(
         self, mid: int, step: int, results: list[ResultRow], saved: Any
-    ) -> tuple[Decision | None, str | None, str | None] | None:
+    ) -> tuple[Decision | None, str | None, str | None, int | None] | None:
         doomed: list[str] = []
         with self.storage.transaction(self.spec.name) as tx:
             info = tx.run()
@@ -247,7 +271,7 @@ class _Worker:
             donor_location: str | None = None
             for d in decisions:
                 if d.copies_state:
-                    assert d.donor is not None  # noqa: S101
+                    assert d.donor is not None
                     donor_row = stored[d.donor]
                     loc = saved.location if d.donor == mid else donor_row.checkpoint
                     loc_step = step if d.donor == mid else donor_row.checkpoint_step
@@ -265,14 +289,12 @@ class _Worker:
             tx.set_controller(snap["generation"], snap["pending"])
             tx.add_results(results)
             tx.add_events(events)
-            if not any(r.state["status"] in ("running", "waiting") for r in rows):
-                tx.set_status("completed")
             doomed = retention(tx, self.options.keep_checkpoints, rows)
-        self.held = None
+            final = overrides[str(mid)]["checkpoint"]
+            claimed = self._pick(tx, info.status, rows)
         for location in doomed:
             self.ckpts.delete(location)
-        final = overrides[str(mid)]["checkpoint"]
-        return own, final, donor_location
+        return own, final, donor_location, claimed
 
     def _failed(self, mid: int, exc: BaseException) -> None:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -289,7 +311,11 @@ class _Worker:
             tx.add_failure(FailureRow(mid, step, attempt, text, now()))
             if count > self.max_failures:
                 tx.put_members(
-                    [MemberRow(mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt)]
+                    [
+                        MemberRow(
+                            mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt
+                        )
+                    ]
                 )
                 tx.set_status(
                     "failed",
@@ -300,7 +326,11 @@ class _Worker:
                 return
             if attempt <= self.options.max_retries:
                 tx.put_members(
-                    [MemberRow(mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt)]
+                    [
+                        MemberRow(
+                            mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt
+                        )
+                    ]
                 )
                 self.held = None
                 return
@@ -310,7 +340,7 @@ class _Worker:
                 str(mid): {"owner": None, "heartbeat": None, "attempts": attempt}
             }
             if d.copies_state:
-                assert d.donor is not None  # noqa: S101
+                assert d.donor is not None
                 donor_row = stored[d.donor]
                 overrides[str(d.member)] = {
                     "checkpoint": donor_row.checkpoint,
@@ -325,7 +355,7 @@ class _Worker:
                 if dd.action not in ("exploit", "explore"):
                     continue
                 if dd is not d and dd.copies_state:
-                    assert dd.donor is not None  # noqa: S101
+                    assert dd.donor is not None
                     overrides.setdefault(str(dd.member), {}).update(
                         {
                             "checkpoint": stored[dd.donor].checkpoint,
@@ -357,25 +387,26 @@ class _Worker:
         self.storage.close()
 
 
-def worker_main(spec: WorkerSpec, worker_id: str) -> None:
-    """Entry point of a worker process."""
+def worker_main(spec: WorkerSpec, tag: str) -> None:
+    """Entry point of a worker process. Its id is ``host:pid:random-tag``, with its own pid."""
+    worker_id = f"{new_worker_id()}-{tag}"
 
     def _terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _Worker(spec, worker_id).run()
-    except KeyboardInterrupt:
-        pass
 
 
-def _release_owner(storage: Storage, name: str, owner: str) -> None:
+def _release_worker(storage: Storage, name: str, pid: int) -> None:
+    """Frees every member held by the worker process ``pid`` of this machine."""
+    prefix = f"{socket.gethostname()}:{pid}:"
     with storage.transaction(name) as tx:
         rows = [
             MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
             for r in tx.members()
-            if r.owner == owner
+            if r.owner is not None and r.owner.startswith(prefix)
         ]
         tx.put_members(rows)
 
@@ -404,28 +435,31 @@ def run_processes(
     spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
-    procs: dict[str, Any] = {}
+    procs: dict[int, Any] = {}
     restarts, max_restarts = 0, max(4, 2 * workers)
+    started = 0
 
     def start() -> None:
-        wid = f"{new_worker_id()}-w{len(procs)}"
-        p = ctx.Process(target=worker_main, args=(spec, wid), name=f"poptune-{wid}", daemon=False)
+        nonlocal started
+        started += 1
+        tag = f"w{started}"
+        p = ctx.Process(target=worker_main, args=(spec, tag), name=f"poptune-{tag}", daemon=False)
         p.start()
-        # The id carries the child's pid, so a resumed run on this machine sees it is gone.
-        procs[wid] = p
+        assert p.pid is not None
+        procs[p.pid] = p
 
     try:
         for _ in range(workers):
             start()
         while procs:
-            for wid, p in list(procs.items()):
+            for pid, p in list(procs.items()):
                 p.join(timeout=0.1)
                 if p.exitcode is None:
                     continue
-                del procs[wid]
+                del procs[pid]
                 if p.exitcode != 0:
                     # A worker died (killed, out of memory...): free its member at once.
-                    _release_owner(storage, name, wid)
+                    _release_worker(storage, name, pid)
                     info = storage.get_run(name)
                     if info is not None and info.status == "running" and restarts < max_restarts:
                         restarts += 1
@@ -438,8 +472,8 @@ def run_processes(
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-        for wid in procs:
-            _release_owner(storage, name, wid)
+        for pid in procs:
+            _release_worker(storage, name, pid)
         storage.update_run(name, status="interrupted")
         raise
     info = storage.get_run(name)

@@ -16,6 +16,7 @@ storage.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import traceback
@@ -157,7 +158,7 @@ class Lockstep:
     def _state_of(self, d: Decision) -> Any:
         if not d.copies_state:
             return None
-        assert d.donor is not None  # noqa: S101 (internal invariant)
+        assert d.donor is not None
         return copy.deepcopy(self.trainables[d.donor].state_dict())
 
     def apply(self, d: Decision, state: Any, kind: str | None = None) -> Event:
@@ -239,10 +240,8 @@ class _SerialRun:
     def _heartbeat(self) -> None:
         interval = self.options.heartbeat_timeout / 4
         while not self._stop_heartbeat.wait(interval):
-            try:
+            with contextlib.suppress(Exception):  # a missed beat is retried
                 self.storage.heartbeat(self.name, self.worker, now())
-            except Exception:  # a missed beat is retried; the run itself reports real errors
-                pass
 
     def run(self) -> None:
         pbt = self._claim_all()

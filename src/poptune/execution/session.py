@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from poptune.controller import PBT, MemberState
 from poptune.result import Event, HistoryRecord, MemberRecord, Result
-from poptune.storage.base import CheckpointRow, MemberRow, RunInfo, Storage, StorageError, Transaction
+from poptune.storage.base import (
+    CheckpointRow,
+    MemberRow,
+    RunInfo,
+    Storage,
+    StorageError,
+    Transaction,
+)
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -66,7 +73,8 @@ class RunOptions:
         poll_interval: Seconds a worker with nothing to do waits before looking again.
         max_lag: Processes executor: a member is not claimed while it is this many steps or
             more ahead of the slowest running member, so no member races to the end against
-            stale scores while another waits for a worker. None: one ``interval``.
+            stale scores while another waits for a worker. None: two ``interval``s (one
+            interval makes a worker that finishes a round early wait for the slowest member).
     """
 
     max_retries: int = 2
@@ -114,9 +122,7 @@ def owner_alive(owner: str | None, heartbeat: float | None, timeout: float, now:
     return heartbeat is not None and now - heartbeat < timeout
 
 
-def member_rows(
-    pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any
-) -> list[MemberRow]:
+def member_rows(pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any) -> list[MemberRow]:
     """Rows for every member of the controller, keeping fields the controller doesn't know."""
     out = []
     for mid, m in pbt.members.items():
@@ -199,9 +205,9 @@ def prepare_run(
                 "(--resume / resume=True)."
             )
         stored_space = sorted(info.config.get("space", {}))
-        if info.config.get("population_size") != config["population_size"] or stored_space != sorted(
-            config["space"]
-        ):
+        if info.config.get("population_size") != config[
+            "population_size"
+        ] or stored_space != sorted(config["space"]):
             raise ConfigMismatch(
                 f"Run {name!r} cannot be resumed with this experiment: the population size or "
                 f"the hyperparameter names differ ({diff})."
@@ -236,9 +242,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "differs in: " + ", ".join(diffs) if diffs else "same keys"
 
 
-def retention(
-    tx: Transaction, keep_last: int, rows: Sequence[MemberRow]
-) -> list[str]:
+def retention(tx: Transaction, keep_last: int, rows: Sequence[MemberRow]) -> list[str]:
     """Forgets old checkpoints in ``tx``; returns the locations whose files may be deleted.
 
     A checkpoint that any member's current state refers to (its own, or a donor's it copied)

@@ -74,5 +74,5 @@ def load_experiment(spec: str) -> tuple[Experiment, str]:
     if len(found) > 1:
         names = ", ".join(sorted(found))
         raise SourceError(f"{path} defines several Experiments ({names}); choose one: {spec}:NAME.")
-    (key, exp), = found.items()
+    ((key, exp),) = found.items()
     return exp, f"{path}:{key}"

@@ -284,12 +284,16 @@ class _SQLTransaction(Transaction):
         now = time.time()
         res = self._conn.execute(
             sa.insert(checkpoints_table).values(
-                run_id=self._run_id, member=member, step=step, location=location, size=size,
+                run_id=self._run_id,
+                member=member,
+                step=step,
+                location=location,
+                size=size,
                 created=now,
             )
         )
         pk = res.inserted_primary_key
-        assert pk is not None  # noqa: S101 (the database always returns it)
+        assert pk is not None
         return CheckpointRow(int(pk[0]), member, step, location, size, now)
 
     def checkpoints(self) -> list[CheckpointRow]:
@@ -441,7 +445,10 @@ class SQLStorage(Storage):
 
             return engine
         return sa.create_engine(
-            url, pool_pre_ping=True, pool_size=2, max_overflow=4,
+            url,
+            pool_pre_ping=True,
+            pool_size=2,
+            max_overflow=4,
             connect_args={"connect_timeout": 10},
         )
 
@@ -537,7 +544,7 @@ class SQLStorage(Storage):
                     )
                 )
                 pk = res.inserted_primary_key
-                assert pk is not None  # noqa: S101
+                assert pk is not None
                 if members:
                     conn.execute(
                         sa.insert(members_table), [_member_values(int(pk[0]), m) for m in members]

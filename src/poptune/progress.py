@@ -1,0 +1,392 @@
+"""A live view of a run, read from its storage: what ``poptune run`` shows while it trains.
+
+`RunProgress` reads a run through its own storage object (so it can live in a background
+thread while the training owns the main thread) and renders it with rich: a header with the
+run's name, exploits, failures, elapsed and estimated remaining time, and a table of members.
+`ProgressDisplay` drives it: a rich ``Live`` view on a terminal, a plain line every few seconds
+elsewhere, or nothing.
+
+Example:
+    >>> from rich.console import Console
+    >>> view = RunProgress("sqlite:///poptune.db", "toy_quadratic")  # doctest: +SKIP
+    >>> Console().print(view.render())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from poptune.result import MemberRecord, Result
+
+if TYPE_CHECKING:
+    from rich.live import Live
+
+    from poptune.storage.base import MemberRow, RunInfo, Storage
+
+__all__ = [
+    "ProgressDisplay",
+    "RunProgress",
+    "Snapshot",
+    "best_member",
+    "format_duration",
+    "format_hparams",
+    "format_score",
+]
+
+
+def format_score(score: float | None) -> str:
+    """A score in at most 6 significant digits; ``-`` when there is none yet."""
+    if score is None:
+        return "-"
+    return f"{score:.6g}"
+
+
+def format_value(value: Any) -> str:
+    """A hyperparameter value, compactly: floats in 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_hparams(hparams: Mapping[str, Any]) -> str:
+    """``name=value`` pairs separated by spaces, floats in 4 significant digits."""
+    return " ".join(f"{k}={format_value(v)}" for k, v in hparams.items())
+
+
+def format_duration(seconds: float) -> str:
+    """``12.3s``, ``4m05s`` or ``2h07m``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _record(row: MemberRow) -> MemberRecord:
+    s = row.state
+    score = s.get("score")
+    return MemberRecord(
+        id=int(s["id"]),
+        hparams=dict(s.get("hparams") or {}),
+        step=int(s.get("step") or 0),
+        score=None if score is None else float(score),
+        status=str(s.get("status", "?")),
+        replaces=s.get("replaces"),
+    )
+
+
+def best_member(info: RunInfo, rows: Sequence[MemberRow]) -> MemberRecord | None:
+    """The best member by the rule of `poptune.Result.best`, from stored rows; None if empty."""
+    if not rows:
+        return None
+    records = [_record(r) for r in rows]
+    cfg = info.config
+    view = Result(
+        name=info.name,
+        mode=str(cfg.get("mode", "max")),
+        metric=str(cfg.get("metric", "score")),
+        initial_hparams={},
+        members=records,
+        history=[],
+        events=[],
+    )
+    return view.best
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What `RunProgress` last read of a run.
+
+    Attributes:
+        info: The run's record; None while the run does not exist yet.
+        members: Its members' rows.
+        exploits: Events of kind ``exploit``.
+        events: Events of every kind.
+        failures: Exceptions recorded from user code.
+        taken: ``time.monotonic()`` when it was read.
+    """
+
+    info: RunInfo | None
+    members: tuple[MemberRow, ...] = ()
+    exploits: int = 0
+    events: int = 0
+    failures: int = 0
+    taken: float = 0.0
+
+    @property
+    def population(self) -> int:
+        if self.info is None:
+            return 0
+        return int(self.info.config.get("population_size") or len(self.members) or 1)
+
+    @property
+    def steps(self) -> int:
+        if self.info is None:
+            return 0
+        return int(self.info.config.get("steps") or 1)
+
+    @property
+    def fraction(self) -> float:
+        """Steps trained over ``population * steps``, failed members left out, in [0, 1]."""
+        if self.info is None:
+            return 0.0
+        done = sum(
+            min(int(r.state.get("step") or 0), self.steps)
+            for r in self.members
+            if r.state.get("status") != "failed"
+        )
+        return min(1.0, done / max(1, self.population * self.steps))
+
+
+class RunProgress:
+    """Reads run ``name`` from ``storage_url`` and renders it.
+
+    It opens its own storage (`poptune.storage.open_storage`) on the first `poll`, so it may be
+    used from a thread other than the one training. Reading errors are swallowed: the view
+    keeps its last snapshot (or shows "starting" until the run exists).
+
+    Args:
+        storage_url: The run's storage URL.
+        name: The run's name.
+    """
+
+    def __init__(self, storage_url: str, name: str) -> None:
+        self.storage_url = storage_url
+        self.name = name
+        self.started = time.monotonic()
+        self._store: Storage | None = None
+        self._snapshot: Snapshot | None = None
+        self._origin: tuple[float, float] | None = None  # (time, fraction) of the first read
+        self._lock = threading.Lock()
+
+    def poll(self) -> Snapshot:
+        """Reads the run now; returns the new snapshot, or the last one if reading failed."""
+        with self._lock:
+            try:
+                snap = self._read()
+            except Exception:
+                if self._store is not None:
+                    self._close_store()
+                return self._snapshot or Snapshot(info=None, taken=time.monotonic())
+            if snap.info is not None and self._origin is None:
+                self._origin = (snap.taken, snap.fraction)
+            self._snapshot = snap
+            return snap
+
+    def _read(self) -> Snapshot:
+        if self._store is None:
+            from poptune.storage import open_storage
+
+            self._store = open_storage(self.storage_url)
+        store = self._store
+        info = store.get_run(self.name)
+        if info is None:
+            return Snapshot(info=None, taken=time.monotonic())
+        members = tuple(store.members(self.name))
+        events = store.events(self.name)
+        return Snapshot(
+            info=info,
+            members=members,
+            exploits=sum(1 for e in events if e.get("kind") == "exploit"),
+            events=len(events),
+            failures=len(store.failures(self.name)),
+            taken=time.monotonic(),
+        )
+
+    def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail too
+                store.close()
+
+    def close(self) -> None:
+        """Releases the storage's connections."""
+        with self._lock:
+            self._close_store()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The last snapshot read (reads one if none has been)."""
+        return self._snapshot or self.poll()
+
+    def remaining(self, snap: Snapshot) -> float | None:
+        """Estimated seconds left, from the progress made since this view's first read."""
+        if self._origin is None or snap.info is None:
+            return None
+        t0, f0 = self._origin
+        f = snap.fraction
+        if f >= 1.0:
+            return 0.0
+        if f <= f0 or snap.taken <= t0:
+            return None
+        return (snap.taken - t0) * (1.0 - f) / (f - f0)
+
+    def header(self, snap: Snapshot | None = None) -> Text:
+        """One line: run, status, progress, exploits, failures, elapsed, remaining."""
+        snap = snap or self.snapshot
+        elapsed = format_duration(time.monotonic() - self.started)
+        text = Text()
+        text.append(f"run {self.name}", style="bold")
+        if snap.info is None:
+            text.append(f" · starting · {elapsed} elapsed")
+            return text
+        left = self.remaining(snap)
+        text.append(f" · {snap.info.status} {snap.fraction:.0%}")
+        text.append(f" · {snap.exploits} exploits")
+        text.append(f" · {snap.failures} failures", style="red" if snap.failures else "")
+        text.append(f" · {elapsed} elapsed")
+        text.append(f" · {'~' + format_duration(left) if left is not None else '?'} left")
+        return text
+
+    def table(self, snap: Snapshot | None = None) -> Table:
+        """The members: id, step/steps, score, hyperparameters, status (best in bold)."""
+        snap = snap or self.snapshot
+        cfg: Mapping[str, Any] = snap.info.config if snap.info is not None else {}
+        metric, mode = cfg.get("metric", "score"), cfg.get("mode", "max")
+        best = best_member(snap.info, snap.members) if snap.info is not None else None
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("member", justify="right")
+        table.add_column("step", justify="right")
+        table.add_column(f"{metric} ({mode})", justify="right")
+        table.add_column("hyperparameters", overflow="fold")
+        table.add_column("status")
+        for row in snap.members:
+            m = _record(row)
+            is_best = best is not None and m.id == best.id and m.score is not None
+            table.add_row(
+                f"{m.id}{' *' if is_best else ''}",
+                f"{m.step}/{snap.steps}",
+                format_score(m.score),
+                format_hparams(m.hparams),
+                m.status,
+                style="bold green" if is_best else ("red" if m.status == "failed" else None),
+            )
+        return table
+
+    def render(self) -> RenderableType:
+        """The header and the member table, from the last snapshot (reads one if none)."""
+        snap = self.snapshot
+        if snap.info is None:
+            return self.header(snap)
+        return Group(self.header(snap), self.table(snap))
+
+    def line(self, snap: Snapshot | None = None) -> str:
+        """The view as one plain line, for logs."""
+        snap = snap or self.snapshot
+        elapsed = format_duration(time.monotonic() - self.started)
+        if snap.info is None:
+            return f"[{elapsed}] run {self.name}: starting"
+        best = best_member(snap.info, snap.members)
+        left = self.remaining(snap)
+        best_text = (
+            f"best {format_score(best.score)} (member {best.id})"
+            if best is not None and best.score is not None
+            else "best -"
+        )
+        return (
+            f"[{elapsed}] run {self.name}: {snap.fraction:.0%}, {best_text}, "
+            f"exploits {snap.exploits}, failures {snap.failures}, "
+            f"remaining {'~' + format_duration(left) if left is not None else '?'}"
+        )
+
+
+Mode = Literal["live", "lines", "off"]
+
+
+class ProgressDisplay:
+    """Shows a run's progress while the calling thread trains it.
+
+    A background thread polls the storage every ``interval`` seconds. ``"live"`` redraws a rich
+    ``Live`` view; ``"lines"`` prints `RunProgress.line` every ``line_every`` seconds; ``"off"``
+    shows nothing. Use it as a context manager around the training.
+
+    Args:
+        storage_url: The run's storage URL.
+        name: The run's name.
+        mode: ``"live"``, ``"lines"`` or ``"off"``.
+        console: Where to draw (stdout by default).
+        interval: Seconds between reads of the storage.
+        line_every: Seconds between plain lines.
+    """
+
+    def __init__(
+        self,
+        storage_url: str,
+        name: str,
+        *,
+        mode: Mode = "live",
+        console: Console | None = None,
+        interval: float = 0.5,
+        line_every: float = 5.0,
+    ) -> None:
+        self.progress = RunProgress(storage_url, name)
+        self.mode = mode
+        self.console = console or Console()
+        self.interval = interval
+        self.line_every = line_every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: Live | None = None
+
+    def _safe_render(self) -> RenderableType:
+        try:
+            return self.progress.render()
+        except Exception:
+            return Text(f"run {self.progress.name}")
+
+    def _loop(self) -> None:
+        last_line = time.monotonic()
+        while not self._stop.wait(self.interval):
+            self.progress.poll()
+            if self.mode == "lines" and time.monotonic() - last_line >= self.line_every:
+                last_line = time.monotonic()
+                with contextlib.suppress(Exception):  # never let the view break the run
+                    self.console.print(
+                        self.progress.line(), markup=False, highlight=False, soft_wrap=True
+                    )
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.mode == "off":
+            return self
+        if self.mode == "live":
+            from rich.live import Live
+
+            self._live = Live(
+                get_renderable=self._safe_render,
+                console=self.console,
+                refresh_per_second=4,
+            )
+            self._live.start()
+        self._thread = threading.Thread(target=self._loop, name="poptune-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._live is not None:
+            if exc_type is None:
+                self.progress.poll()  # the final state, not the one of half a second ago
+            self._live.stop()
+        self.progress.close()
