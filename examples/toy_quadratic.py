@@ -149,7 +149,7 @@ def plot(path: str, seed: int = 0) -> None:
         top.set_ylabel("θ1")
         bottom.set_xlabel("step")
         bottom.set_ylabel("Q")
-        bottom.set_ylim(0.3, 1.22)
+        bottom.set_ylim(-0.45, 1.25)
         bottom.axhline(TARGET, ls=":", color="grey")
     axes[1, 0].legend()
     fig.tight_layout()
