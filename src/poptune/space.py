@@ -82,8 +82,71 @@ def _numeric_rule(low: float, log: bool, rule: PerturbRule) -> str:
     return "multiply" if (log or low > 0) else "shift"
 
 
-@dataclass(frozen=True)
-class Float(Parameter):
+@dataclass(frozen=True, init=False)
+class _Numeric(Parameter):
+    """What `Float` and `Int` share: bounds, scale, the perturbation rule, the checks."""
+
+    low: Any
+    high: Any
+    log: bool = False
+    mutable: bool = True
+    perturb_rule: PerturbRule = field(default="auto", kw_only=True)
+
+    def __init__(
+        self,
+        low: Any,
+        high: Any,
+        log: bool = False,
+        *,
+        mutable: bool = True,
+        perturb: PerturbRule = "auto",
+    ) -> None:
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+        object.__setattr__(self, "log", log)
+        object.__setattr__(self, "mutable", mutable)
+        object.__setattr__(self, "perturb_rule", perturb)
+
+    def _check_range(self, name: str) -> None:
+        low, high = self.low, self.high
+        if not low < high:
+            raise ValueError(
+                f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=})."
+            )
+        if self.log and low <= 0:
+            raise ValueError(
+                f"Parameter {name!r}: a log-scale range needs `low > 0`, but got ({low=}, {high=})."
+            )
+        _check_rule(name, self.perturb_rule)
+
+    def _move(self, value: float, factor: float) -> tuple[float, str]:
+        """The value moved by ``factor`` under this parameter's rule (before rounding/clipping)."""
+        if _numeric_rule(self.low, self.log, self.perturb_rule) == "multiply":
+            return value * factor, f"*{factor:g}"
+        moved = value + (factor - 1.0) * (self.high - self.low)
+        return moved, f"{'+' if factor >= 1 else '-'}{abs(factor - 1.0):g}*range"
+
+    def _clip(self, value: Any) -> Any:
+        return min(max(value, self.low), self.high)
+
+    def _out_of_range(self, name: str, value: Any) -> ValueError:
+        return ValueError(
+            f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], but got {value!r}."
+        )
+
+    def _describe(self, kind: str, low: Any, high: Any) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "low": low,
+            "high": high,
+            "log": self.log,
+            "mutable": self.mutable,
+            "perturb": self.perturb_rule,
+        }
+
+
+@dataclass(frozen=True, init=False)
+class Float(_Numeric):
     """A real hyperparameter in ``[low, high]``, uniform or log-uniform.
 
     Example:
@@ -95,24 +158,6 @@ class Float(Parameter):
 
     low: float
     high: float
-    log: bool = False
-    mutable: bool = True
-    perturb_rule: PerturbRule = field(default="auto", kw_only=True)
-
-    def __init__(
-        self,
-        low: float,
-        high: float,
-        log: bool = False,
-        *,
-        mutable: bool = True,
-        perturb: PerturbRule = "auto",
-    ) -> None:
-        object.__setattr__(self, "low", low)
-        object.__setattr__(self, "high", high)
-        object.__setattr__(self, "log", log)
-        object.__setattr__(self, "mutable", mutable)
-        object.__setattr__(self, "perturb_rule", perturb)
 
     def _check(self, name: str) -> None:
         low, high = self.low, self.high
@@ -124,15 +169,7 @@ class Float(Parameter):
             raise ValueError(
                 f"Parameter {name!r}: bounds must be finite, but got ({low=}, {high=})."
             )
-        if not low < high:
-            raise ValueError(
-                f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=})."
-            )
-        if self.log and low <= 0:
-            raise ValueError(
-                f"Parameter {name!r}: a log-scale range needs `low > 0`, but got ({low=}, {high=})."
-            )
-        _check_rule(name, self.perturb_rule)
+        self._check_range(name)
 
     def sample(self, rng: np.random.Generator) -> float:
         if self.log:
@@ -140,59 +177,26 @@ class Float(Parameter):
         return float(rng.uniform(self.low, self.high))
 
     def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> tuple[float, str]:
-        rule = _numeric_rule(self.low, self.log, self.perturb_rule)
-        if rule == "multiply":
-            moved, label = float(value) * factor, f"*{factor:g}"
-        else:
-            moved = float(value) + (factor - 1.0) * (self.high - self.low)
-            label = f"{'+' if factor >= 1 else '-'}{abs(factor - 1.0):g}*range"
-        return float(min(max(moved, self.low), self.high)), label
+        moved, label = self._move(float(value), factor)
+        return float(self._clip(moved)), label
 
     def validate(self, name: str, value: Any) -> float:
         if not _is_number(value) or not math.isfinite(float(value)):
             raise ValueError(f"Parameter {name!r}: expected a finite number, but got {value!r}.")
         if not self.low <= float(value) <= self.high:
-            raise ValueError(
-                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], "
-                f"but got {value!r}."
-            )
+            raise self._out_of_range(name, value)
         return float(value)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "float",
-            "low": self.low,
-            "high": self.high,
-            "log": self.log,
-            "mutable": self.mutable,
-            "perturb": self.perturb_rule,
-        }
+        return self._describe("float", self.low, self.high)
 
 
-@dataclass(frozen=True)
-class Int(Parameter):
+@dataclass(frozen=True, init=False)
+class Int(_Numeric):
     """An integer hyperparameter in ``[low, high]`` (both included), uniform or log-uniform."""
 
     low: int
     high: int
-    log: bool = False
-    mutable: bool = True
-    perturb_rule: PerturbRule = field(default="auto", kw_only=True)
-
-    def __init__(
-        self,
-        low: int,
-        high: int,
-        log: bool = False,
-        *,
-        mutable: bool = True,
-        perturb: PerturbRule = "auto",
-    ) -> None:
-        object.__setattr__(self, "low", low)
-        object.__setattr__(self, "high", high)
-        object.__setattr__(self, "log", log)
-        object.__setattr__(self, "mutable", mutable)
-        object.__setattr__(self, "perturb_rule", perturb)
 
     def _check(self, name: str) -> None:
         low, high = self.low, self.high
@@ -203,15 +207,7 @@ class Int(Parameter):
             raise ValueError(
                 f"Parameter {name!r}: bounds must be integers, but got ({low=}, {high=})."
             )
-        if not low < high:
-            raise ValueError(
-                f"Parameter {name!r}: `low < high` must hold, but got ({low=}, {high=})."
-            )
-        if self.log and low <= 0:
-            raise ValueError(
-                f"Parameter {name!r}: a log-scale range needs `low > 0`, but got ({low=}, {high=})."
-            )
-        _check_rule(name, self.perturb_rule)
+        self._check_range(name)
 
     def sample(self, rng: np.random.Generator) -> int:
         if self.log:
@@ -222,19 +218,15 @@ class Int(Parameter):
 
     def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> tuple[int, str]:
         current = int(value)
-        rule = _numeric_rule(self.low, self.log, self.perturb_rule)
-        if rule == "multiply":
-            moved, label = current * factor, f"*{factor:g}"
-        else:
-            moved = current + (factor - 1.0) * (self.high - self.low)
-            label = f"{'+' if factor >= 1 else '-'}{abs(factor - 1.0):g}*range"
+        moved, label = self._move(current, factor)
+        # Round away from where it was: int(2 * 1.2) would leave 2 where it is.
         if factor > 1:
             new = max(math.ceil(moved), current + 1)
         elif factor < 1:
             new = min(math.floor(moved), current - 1)
         else:
             new = current
-        return int(min(max(new, self.low), self.high)), label
+        return int(self._clip(new)), label
 
     def validate(self, name: str, value: Any) -> int:
         if isinstance(value, bool) or not (
@@ -243,21 +235,11 @@ class Int(Parameter):
         ):
             raise ValueError(f"Parameter {name!r}: expected an integer, but got {value!r}.")
         if not self.low <= int(value) <= self.high:
-            raise ValueError(
-                f"Parameter {name!r}: value must lie in [{self.low}, {self.high}], "
-                f"but got {value!r}."
-            )
+            raise self._out_of_range(name, value)
         return int(value)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "int",
-            "low": int(self.low),
-            "high": int(self.high),
-            "log": self.log,
-            "mutable": self.mutable,
-            "perturb": self.perturb_rule,
-        }
+        return self._describe("int", int(self.low), int(self.high))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -10,46 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import SOURCE, check_complete, experiment
 
 import poptune as pt
 from poptune.controller import member_seed
-from poptune.execution.source import load_experiment
 from poptune.storage import open_storage
-
-WORKLOADS = str(Path(__file__).with_name("workloads.py"))
-SOURCE = f"{WORKLOADS}:counter"
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """Sets the workload's environment (inherited by worker processes)."""
-    locks = tmp_path / "locks"
-    locks.mkdir()
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    monkeypatch.setenv("WL_LOCKS", str(locks))
-    monkeypatch.setenv("WL_MARKS", str(marks))
-
-    def set_env(**values: object) -> None:
-        for k, v in values.items():
-            monkeypatch.setenv(f"WL_{k.upper()}", str(v))
-
-    set_env.locks = locks  # type: ignore[attr-defined]
-    return set_env
-
-
-def experiment() -> pt.Experiment:
-    return load_experiment(SOURCE)[0]
 
 
 def history_key(result: pt.Result) -> list[tuple[int, int, float]]:
     return [(h.member, h.step, h.score) for h in result.history]
-
-
-def check_complete(result: pt.Result, steps: int, population: int) -> None:
-    alive = [m for m in result.members if m.status != "failed"]
-    assert len(alive) == population
-    assert all(m.status == "finished" and m.step == steps for m in alive)
 
 
 def check_exploits_copied_donor(result: pt.Result) -> None:
@@ -76,6 +46,26 @@ def check_exploits_copied_donor(result: pt.Result) -> None:
         assert any(math.isclose(h.metrics["x"], donor_x + ev.new_hparams["lr"]) for h in nxt), ev
         checked += 1
     assert checked > 0
+
+
+def check_every_change_recorded(result: pt.Result) -> None:
+    """With noise off, x grows by the lr in force at each step: so between two consecutive
+    steps of a member that copied nothing, the growth must be the lr its last recorded event
+    (or its start) gave it. A decision applied without its event breaks this."""
+    for member in {h.member for h in result.history}:
+        rows = [h for h in result.history if h.member == member]
+        events = [e for e in result.events if e.member == member]
+        for prev, nxt in itertools.pairwise(rows):
+            if nxt.step != prev.step + 1:
+                continue
+            earlier = [e for e in events if e.step <= prev.step]
+            if earlier and earlier[-1].step == prev.step and earlier[-1].donor != member:
+                continue  # copied a donor at this step: checked by check_exploits_copied_donor
+            lr = earlier[-1].new_hparams["lr"] if earlier else result.initial_hparams[member]["lr"]
+            assert math.isclose(nxt.metrics["x"] - prev.metrics["x"], lr, rel_tol=1e-9), (
+                member,
+                nxt.step,
+            )
 
 
 def test_serial_sqlite_equals_in_memory(env: Any, tmp_path: Path) -> None:
@@ -235,6 +225,7 @@ def test_synchronous_mode_persists_and_completes(env: Any, tmp_path: Path) -> No
     result = experiment().run(f"sqlite:///{tmp_path}/runs.db", "r")
     check_complete(result, 40, 4)
     check_exploits_copied_donor(result)
+    check_every_change_recorded(result)
 
 
 @pytest.mark.slow
@@ -244,6 +235,7 @@ def test_synchronous_mode_with_processes(env: Any, tmp_path: Path) -> None:
     result = experiment().run(f"sqlite:///{tmp_path}/runs.db", "r", workers=2, source=SOURCE)
     check_complete(result, 40, 4)
     check_exploits_copied_donor(result)
+    check_every_change_recorded(result)
     # Generations: every member is judged at the same steps.
     steps = Tally(e.step for e in result.events)
     assert all(s % 5 == 0 for s in steps)

@@ -15,34 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import SOURCE, check_complete, experiment
 
 import poptune as pt
-from poptune.execution.source import load_experiment
 from poptune.storage import open_storage
 
 pytestmark = pytest.mark.slow
-
-WORKLOADS = str(Path(__file__).with_name("workloads.py"))
-SOURCE = f"{WORKLOADS}:counter"
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    locks = tmp_path / "locks"
-    locks.mkdir()
-    monkeypatch.setenv("WL_LOCKS", str(locks))
-    monkeypatch.setenv("WL_MARKS", str(tmp_path))
-
-    def set_env(**values: object) -> None:
-        for k, v in values.items():
-            monkeypatch.setenv(f"WL_{k.upper()}", str(v))
-
-    set_env.locks = locks  # type: ignore[attr-defined]
-    return set_env
-
-
-def experiment() -> pt.Experiment:
-    return load_experiment(SOURCE)[0]
 
 
 def results_count(url: str, name: str) -> int:
@@ -62,12 +40,6 @@ def wait_for_results(url: str, name: str, at_least: int, timeout: float = 60) ->
         if time.time() > deadline:
             raise AssertionError(f"no progress in run {name!r} after {timeout} s")
         time.sleep(0.05)
-
-
-def check_complete(result: pt.Result, steps: int, population: int) -> None:
-    alive = [m for m in result.members if m.status != "failed"]
-    assert len(alive) == population
-    assert all(m.status == "finished" and m.step == steps for m in alive), result.members
 
 
 def check_no_unexplained_repeats(result: pt.Result) -> None:

@@ -52,6 +52,7 @@ from poptune.execution.session import (
     new_worker_id,
     now,
     owner_alive,
+    released,
     retention,
 )
 from poptune.storage.base import (
@@ -84,6 +85,7 @@ class WorkerSpec:
     options: RunOptions
     source: str | None = None
     experiment: bytes | None = None
+    failures_before: int = 0
 
 
 def _load(spec: WorkerSpec) -> Experiment:
@@ -261,28 +263,15 @@ class _Worker:
                     "attempts": 0,
                 }
             }
-            decisions = [decision] if decision.action in ("exploit", "explore") else []
-            if pbt.synchronous:
-                decisions = [pbt.poll(k) for k in sorted(pbt.members)]
-                decisions = [d for d in decisions if d.action in ("exploit", "explore")]
-            index = tx.event_count()
-            events = []
-            own: Decision | None = None
-            donor_location: str | None = None
-            for d in decisions:
-                if d.copies_state:
-                    assert d.donor is not None
-                    donor_row = stored[d.donor]
-                    loc = saved.location if d.donor == mid else donor_row.checkpoint
-                    loc_step = step if d.donor == mid else donor_row.checkpoint_step
-                    ov = overrides.setdefault(str(d.member), {})
-                    ov.update({"checkpoint": loc, "checkpoint_step": loc_step})
-                    if d.member == mid:
-                        donor_location = loc
-                if d.member == mid:
-                    own = d
-                events.append(event_dict(event_from_decision(index, d)))
-                index += 1
+            decisions = [decision]
+            if pbt.synchronous:  # a completed generation decides every member at once
+                # (this member's own decision was already handed over by `decide`)
+                decisions = [decision if k == mid else pbt.poll(k) for k in sorted(pbt.members)]
+            own = next((d for d in decisions if d.member == mid), decision)
+            before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
+            before[mid] = (saved.location, step)  # the state this member was judged on
+            events = self._lineage(decisions, before, overrides, tx.event_count())
+            donor_location = overrides[str(mid)]["checkpoint"] if own.copies_state else None
             rows = member_rows(pbt, stored, **overrides)
             tx.put_members(rows)
             snap = pbt.snapshot()
@@ -296,9 +285,34 @@ class _Worker:
             self.ckpts.delete(location)
         return own, final, donor_location, claimed
 
+    @staticmethod
+    def _lineage(
+        decisions: list[Decision],
+        checkpoints: dict[int, tuple[str | None, int | None]],
+        overrides: dict[str, dict[str, Any]],
+        first_index: int,
+        kinds: dict[int, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events for the decisions that changed members. A member that copies a donor's state
+        now refers to the donor's checkpoint as it was *before* any of these decisions
+        (``checkpoints``: member -> location, step), whatever else they change."""
+        events: list[dict[str, Any]] = []
+        for d in decisions:
+            if d.action not in ("exploit", "explore"):
+                continue
+            if d.copies_state:
+                assert d.donor is not None
+                location, step = checkpoints[d.donor]
+                overrides.setdefault(str(d.member), {}).update(
+                    {"checkpoint": location, "checkpoint_step": step}
+                )
+            kind = (kinds or {}).get(d.member)
+            events.append(event_dict(event_from_decision(first_index + len(events), d, kind)))
+        return events
+
     def _failed(self, mid: int, exc: BaseException) -> None:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        count = len(self.storage.failures(self.spec.name)) + 1
+        count = len(self.storage.failures(self.spec.name)) - self.spec.failures_before + 1
         with self.storage.transaction(self.spec.name) as tx:
             info = tx.run()
             stored = {r.id: r for r in tx.members()}
@@ -310,13 +324,7 @@ class _Worker:
             step = int(mine.state["step"])
             tx.add_failure(FailureRow(mid, step, attempt, text, now()))
             if count > self.max_failures:
-                tx.put_members(
-                    [
-                        MemberRow(
-                            mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt
-                        )
-                    ]
-                )
+                tx.put_members([released(mine, attempt)])
                 tx.set_status(
                     "failed",
                     f"{count} failures in user code (more than max_failures="
@@ -325,13 +333,7 @@ class _Worker:
                 self.held = None
                 return
             if attempt <= self.options.max_retries:
-                tx.put_members(
-                    [
-                        MemberRow(
-                            mine.state, None, None, mine.checkpoint, mine.checkpoint_step, attempt
-                        )
-                    ]
-                )
+                tx.put_members([released(mine, attempt)])
                 self.held = None
                 return
             pbt = controller_from(self.exp, info, stored.values())
@@ -339,33 +341,13 @@ class _Worker:
             overrides: dict[str, dict[str, Any]] = {
                 str(mid): {"owner": None, "heartbeat": None, "attempts": attempt}
             }
-            if d.copies_state:
-                assert d.donor is not None
-                donor_row = stored[d.donor]
-                overrides[str(d.member)] = {
-                    "checkpoint": donor_row.checkpoint,
-                    "checkpoint_step": donor_row.checkpoint_step,
-                }
             decisions = [d]
             if pbt.synchronous:  # the failure may have completed a generation
                 decisions += [pbt.poll(k) for k in sorted(pbt.members) if k != d.member]
-            index = tx.event_count()
-            events = []
-            for dd in decisions:
-                if dd.action not in ("exploit", "explore"):
-                    continue
-                if dd is not d and dd.copies_state:
-                    assert dd.donor is not None
-                    overrides.setdefault(str(dd.member), {}).update(
-                        {
-                            "checkpoint": stored[dd.donor].checkpoint,
-                            "checkpoint_step": stored[dd.donor].checkpoint_step,
-                        }
-                    )
-                events.append(
-                    event_dict(event_from_decision(index, dd, "replace" if dd is d else None))
-                )
-                index += 1
+            before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
+            events = self._lineage(
+                decisions, before, overrides, tx.event_count(), {d.member: "replace"}
+            )
             rows = member_rows(pbt, stored, **overrides)
             tx.put_members(rows)
             snap = pbt.snapshot()
@@ -376,11 +358,7 @@ class _Worker:
     def _release_all(self) -> None:
         try:
             with self.storage.transaction(self.spec.name) as tx:
-                rows = [
-                    MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
-                    for r in tx.members()
-                    if r.owner == self.id
-                ]
+                rows = [released(r) for r in tx.members() if r.owner == self.id]
                 tx.put_members(rows)
         except Exception:
             pass
@@ -404,9 +382,7 @@ def _release_worker(storage: Storage, name: str, pid: int) -> None:
     prefix = f"{socket.gethostname()}:{pid}:"
     with storage.transaction(name) as tx:
         rows = [
-            MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
-            for r in tx.members()
-            if r.owner is not None and r.owner.startswith(prefix)
+            released(r) for r in tx.members() if r.owner is not None and r.owner.startswith(prefix)
         ]
         tx.put_members(rows)
 
@@ -432,7 +408,8 @@ def run_processes(
                 f"be pickled ({e}). Define the trainable (and any explore function) at module "
                 "level, or start the run with `poptune run FILE.py`."
             ) from None
-    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload)
+    before = len(storage.failures(name))
+    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload, before)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
     procs: dict[int, Any] = {}

@@ -40,6 +40,7 @@ from poptune.execution.session import (
     new_worker_id,
     now,
     owner_alive,
+    released,
     retention,
 )
 from poptune.result import Event, HistoryRecord
@@ -194,7 +195,6 @@ class _SerialRun:
         self._stop_heartbeat = threading.Event()
 
     def _claim_all(self) -> PBT:
-        self.failures = len(self.storage.failures(self.name))
         with self.storage.transaction(self.name) as tx:
             info = tx.run()
             rows = tx.members()
@@ -273,11 +273,7 @@ class _SerialRun:
         error = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc)
         try:
             with self.storage.transaction(self.name) as tx:
-                rows = [
-                    MemberRow(r.state, None, None, r.checkpoint, r.checkpoint_step, r.attempts)
-                    for r in tx.members()
-                    if r.owner == self.worker
-                ]
+                rows = [released(r) for r in tx.members() if r.owner == self.worker]
                 tx.put_members(rows)
                 tx.set_status(status, error)
         except Exception:

@@ -65,8 +65,9 @@ class RunOptions:
     Attributes:
         max_retries: Times a member's step is retried after an exception in user code before
             the member is marked failed and replaced.
-        max_failures: Failures in user code (all members together) after which the whole run
-            stops as failed. None: ``2 * population_size``.
+        max_failures: Failures in user code (all members together, counted from when this
+            execution of the run started) after which the run stops as failed. None:
+            ``2 * population_size``.
         keep_checkpoints: Checkpoints kept per member (those still referred to are kept too).
         heartbeat_timeout: Seconds without a heartbeat after which a member's worker is
             presumed dead and the member is reclaimed from its last checkpoint.
@@ -137,6 +138,18 @@ def member_rows(pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any) -
         fields.update(overrides.get(str(mid), {}))
         out.append(MemberRow(state=m.to_dict(), **fields))
     return out
+
+
+def released(row: MemberRow, attempts: int | None = None) -> MemberRow:
+    """The row with no owner (optionally with a new count of failed attempts)."""
+    return MemberRow(
+        row.state,
+        None,
+        None,
+        row.checkpoint,
+        row.checkpoint_step,
+        row.attempts if attempts is None else attempts,
+    )
 
 
 def controller_from(experiment: Experiment, info: RunInfo, rows: Iterable[MemberRow]) -> PBT:
