@@ -183,6 +183,22 @@ def test_member_failing_for_good_is_replaced(env: Any, tmp_path: Path) -> None:
     assert event.member == 4 and event.donor is not None
 
 
+def test_failure_during_replay_counts_as_another_attempt(env: Any, tmp_path: Path) -> None:
+    """A member failing at a step its retry must replay fails again there: each failure is
+    one attempt, and after max_retries the member is replaced, never an escaped exception."""
+    # Step 12 fails once; its retry replays step 11 from the checkpoint at step 10, and step
+    # 11 fails whenever it runs again: every replay fails.
+    seed = member_seed(0, 3)
+    env(fail=f"{seed}:12:once,{seed}:11:again", interval=10)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = experiment().run(url, "r", options=pt.RunOptions(max_retries=2))
+    assert result.member(3).status == "failed"
+    check_complete(result, 40, 4)
+    failures = open_storage(url).failures("r")
+    assert [(f.attempt, f.step) for f in failures] == [(1, 11), (2, 11), (3, 11)]
+    assert "step 12" in failures[0].traceback and "step 11" in failures[1].traceback
+
+
 def test_too_many_failures_stop_the_run(env: Any, tmp_path: Path) -> None:
     """Failures beyond max_failures stop the run as failed, with the traceback in the error."""
     env(fail=f"{member_seed(0, 0)}:3:always")

@@ -8,7 +8,9 @@ holds x, its RNG and how many steps it has taken. It can:
   holds an exclusive lock file named after the member's seed, and a step that finds the lock
   held by another live process writes a ``VIOLATION`` file there);
 * sleep or spin for ``WL_DELAY`` seconds per step (``WL_SPIN=1``: burn CPU instead of sleeping);
-* fail (``WL_FAIL=seed:step:once|always``; ``once`` remembers in ``WL_MARKS`` that it failed).
+* fail (``WL_FAIL=seed:step:mode``, several separated by ``,``): ``always``; ``once`` (the first
+  time only); ``again`` (every time but the first: a step that fails when it is replayed).
+  ``once`` and ``again`` count in ``WL_MARKS``.
 """
 
 from __future__ import annotations
@@ -64,18 +66,17 @@ class Counter(pt.Trainable):
             return path
 
     def _maybe_fail(self) -> None:
-        spec = os.environ.get("WL_FAIL")
-        if not spec:
-            return
-        seed, step, mode = spec.split(":")
-        if int(seed) != self.seed or int(step) != self.steps:
-            return
-        if mode == "once":
-            mark = os.path.join(os.environ["WL_MARKS"], f"{seed}-{step}")
-            if os.path.exists(mark):
-                return
-            open(mark, "w").close()
-        raise RuntimeError(f"injected failure at step {self.steps}")
+        for spec in filter(None, os.environ.get("WL_FAIL", "").split(",")):
+            seed, step, mode = spec.split(":")
+            if int(seed) != self.seed or int(step) != self.steps:
+                continue
+            if mode in ("once", "again"):
+                mark = os.path.join(os.environ["WL_MARKS"], f"{seed}-{step}")
+                seen = os.path.exists(mark)
+                open(mark, "a").close()
+                if (mode == "once") == seen:
+                    continue
+            raise RuntimeError(f"injected failure at step {self.steps}")
 
     def step(self) -> dict[str, float]:
         lock = self._lock()

@@ -352,13 +352,21 @@ class _SerialRun:
         self.dirty.add(d.member)
 
     def _retry(self, mid: int) -> None:
-        """Restores the member from its last checkpoint and replays it up to its step."""
+        """Restores the member from its last checkpoint and replays it up to its step.
+
+        A failure during the replay counts as another attempt (and so, in the end, fails and
+        replaces the member like any other).
+        """
         m = self.loop.controller.members[mid]
-        trainable = self._rebuild(mid, m.hparams)
         row = self.rows.get(mid)
         start = row.checkpoint_step if row is not None and row.checkpoint_step is not None else 0
-        for _ in range(max(0, m.step - start)):
-            trainable.step()
+        try:
+            trainable = self._rebuild(mid, m.hparams)
+            for _ in range(max(0, m.step - start)):
+                trainable.step()
+        except Exception as exc:
+            self._on_failure(mid, exc)
+            return
         self.loop.trainables[mid] = trainable
 
 
