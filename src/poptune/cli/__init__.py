@@ -1,0 +1,194 @@
+"""The ``poptune`` command: run, resume, inspect and export runs kept in a storage.
+
+::
+
+    poptune run examples/toy_quadratic.py            # trains, shows progress, prints the best
+    poptune status                                   # every run in ./poptune.db
+    poptune status toy_quadratic                     # one run's population and failures
+    poptune export toy_quadratic --format csv        # history, events, best schedule
+    poptune resume toy_quadratic                     # continues an interrupted run
+
+Expected failures print one line, ``poptune: error: ...``, and exit with 2 (bad usage) or 1
+(anything else); passwords in storage URLs never appear in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from poptune.cli._common import (
+    DEFAULT_STORAGE,
+    INTERRUPTED,
+    RUNTIME,
+    USAGE,
+    CLIError,
+    _error_line,
+    _positive_int,
+    _scrub,
+)
+from poptune.cli.export import cmd_export
+from poptune.cli.run import cmd_resume, cmd_run
+from poptune.cli.status import cmd_status
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{message} (see `{self.prog} --help`)", USAGE)
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        metavar="URL",
+        help=f"where runs are kept: sqlite:///FILE.db or postgresql+psycopg://USER@HOST/DB "
+        f"(default: {DEFAULT_STORAGE} in the current folder)",
+    )
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1; more than one means --executor processes)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("serial", "processes"),
+        default=None,
+        help="train in this process (serial) or in worker processes",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retries of a failing step before its member is replaced (default 2)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds without a heartbeat before a worker is presumed dead (default 30)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="show no live progress, only the final summary",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``poptune`` argument parser."""
+    from poptune import __version__
+
+    parser = _Parser(
+        prog="poptune",
+        description="Population Based Training: run, resume, inspect and export runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"poptune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", help="run (or resume) the Experiment defined in a Python file")
+    p.add_argument("file", metavar="FILE.py[:NAME]", help="file defining one Experiment")
+    _add_storage(p)
+    p.add_argument("--name", metavar="RUN", help="run name (default: the file's name)")
+    p.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="checkpoint folder or fsspec URL (default: beside a SQLite file)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run of that name even if its configuration changed",
+    )
+    _add_execution(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a run started with `poptune run`")
+    p.add_argument("run", metavar="RUN")
+    _add_storage(p)
+    _add_execution(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="list runs, or show one run's population and failures")
+    p.add_argument("run", metavar="RUN", nargs="?")
+    _add_storage(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write a run's history, events and best schedule")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="json: a file, or - for stdout (default RUN.json); csv: a directory (default RUN-csv)",
+    )
+    _add_storage(p)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _storage_args(argv: Sequence[str]) -> list[str]:
+    """Every storage URL in ``argv``, read before parsing so that errors can be scrubbed."""
+    # Any argument that looks like a URL: argparse also accepts `--stor URL`, `--storage=URL`.
+    return [a.partition("=")[2] if a.startswith("--") else a for a in argv if "://" in a]
+
+
+def _fail(message: str, code: int) -> int:
+    print(_error_line(message), file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``poptune`` command; returns its exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    for url in _storage_args(args_list):
+        _scrub.add_url(url)
+    from poptune.execution.session import ConfigMismatch
+    from poptune.execution.source import SourceError
+    from poptune.storage.base import StorageError
+
+    handlers: list[tuple[type[BaseException], Callable[[BaseException], str], int]] = [
+        (CLIError, str, USAGE),  # code taken from the error
+        (ConfigMismatch, str, RUNTIME),
+        (StorageError, str, RUNTIME),
+        (SourceError, str, RUNTIME),
+        (ImportError, str, RUNTIME),
+        (ValueError, str, RUNTIME),
+        (OSError, lambda e: f"{type(e).__name__}: {e}", RUNTIME),
+    ]
+    try:
+        args = build_parser().parse_args(args_list)
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`poptune export RUN --format json -o - | head`): stop quietly,
+        # and keep Python from complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return RUNTIME
+    except Exception as e:
+        for kind, describe, default in handlers:
+            if isinstance(e, kind):
+                return _fail(describe(e), e.code if isinstance(e, CLIError) else default)
+        # A bug, not an expected failure: its traceback helps, once the passwords are gone.
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        print(_scrub(text.rstrip()), file=sys.stderr)
+        return _fail(f"unexpected {type(e).__name__}: {e}", RUNTIME)

@@ -1,0 +1,171 @@
+"""What the ``poptune`` commands share: errors, exit codes, scrubbing, storages, names, options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from poptune.storage.base import RunInfo, Storage
+
+DEFAULT_STORAGE = "sqlite:///poptune.db"
+USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: int = RUNTIME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Scrubber:
+    """Removes storage passwords from any text before it is printed."""
+
+    def __init__(self) -> None:
+        self.secrets: set[str] = set()
+
+    def add_url(self, url: str) -> None:
+        password: str | None = None
+        try:
+            from sqlalchemy.engine import make_url
+
+            password = make_url(url).password
+        except Exception:
+            match = re.search(r"://[^/@:]*:([^@/]*)@", url)
+            password = match.group(1) if match else None
+        if password:
+            self.secrets.update({password, quote(password, safe=""), quote(password)})
+
+    def __call__(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+
+_scrub = _Scrubber()
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _error_line(message: str) -> str:
+    return "poptune: error: " + _scrub(_first_line(message))
+
+
+def _stdout() -> Console:
+    from rich.console import Console
+
+    # Piped or redirected output has no width to fit: don't fold tables to rich's default 80.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=200 if wide else None)
+
+
+def _redact(url: str) -> str:
+    from poptune.storage import redact_url
+
+    return redact_url(url)
+
+
+def _storage_flag(url: str) -> str:
+    """`` --storage URL`` (password hidden) to repeat in a suggested command; empty if default."""
+    if url == DEFAULT_STORAGE:
+        return ""
+    return f" --storage {shlex.quote(_redact(url))}"
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL (``""`` for an in-memory one); None if not SQLite."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    return "" if database in ("", ":memory:") else database
+
+
+def _check_persistent(url: str) -> None:
+    if url.startswith("memory://") or _sqlite_file(url) == "":
+        raise CLIError(
+            f"storage {_redact(url)} keeps nothing after the command ends; use a file "
+            "(sqlite:///FILE.db) or a PostgreSQL URL.",
+            USAGE,
+        )
+
+
+def _open_storage(url: str) -> Storage:
+    """Opens (and if needed creates) a storage, for a run."""
+    from poptune.storage import open_storage
+
+    _check_persistent(url)
+    return open_storage(url)
+
+
+def _open_existing(url: str) -> Storage:
+    """Opens a storage that must already hold poptune runs (never creates one)."""
+    _check_persistent(url)
+    path = _sqlite_file(url)
+    if path is not None and not os.path.exists(path):
+        raise CLIError(
+            f"No poptune storage at {_redact(url)}: {os.path.abspath(path)} does not exist. "
+            "Start a run with `poptune run FILE.py`, or pass --storage."
+        )
+    from poptune.storage.sql import SQLStorage
+
+    return SQLStorage(url, create=False)
+
+
+def _get_run(store: Storage, name: str) -> RunInfo:
+    info = store.get_run(name)
+    if info is None:
+        names = [r.name for r in store.list_runs()]
+        there = f" Runs there: {', '.join(names)}." if names else " It holds no runs."
+        raise CLIError(f"No run named {name!r} in {store.display_url}.{there}")
+    return info
+
+
+def _checkpoint_folder(root: str | None, name: str) -> str:
+    if not root:
+        return "-"
+    return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
+
+
+def _check_name(name: str, hint: str) -> str:
+    from poptune.storage.checkpoints import check_run_name
+
+    try:
+        return check_run_name(name)
+    except ValueError as e:
+        raise CLIError(f"{e} {hint}", USAGE) from None
+
+
+def _split_source(spec: str) -> str:
+    """The file of ``FILE.py[:NAME]``."""
+    path, sep, obj = spec.rpartition(":")
+    return path if sep and path and obj.isidentifier() else spec
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value

@@ -1,0 +1,54 @@
+"""``poptune export``: write a run's history, events and best schedule as CSV or JSON.
+
+The writing itself is `poptune.export`; this is the command around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from poptune.cli._common import USAGE, CLIError, _check_name, _get_run, _open_existing
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from poptune.execution.session import load_result
+    from poptune.export import write_csv, write_json
+
+    url: str = args.storage
+    name = _check_name(args.run, "")
+    with _open_existing(url) as store:
+        info = _get_run(store, name)
+        result = load_result(store, name)
+        display = store.display_url
+    run_facts = {
+        "status": info.status,
+        "source": info.source,
+        "checkpoint_root": info.checkpoint_root,
+        "storage": display,
+        "created": info.created,
+        "updated": info.updated,
+    }
+    summary = (
+        f"{len(result.history)} history rows, {len(result.events)} events, "
+        f"{len(result.schedule()) if result.members else 0} schedule steps"
+    )
+    if args.format == "json":
+        output = args.output or f"{name}.json"
+        if output == "-":
+            write_json(result, sys.stdout, run=run_facts, config=info.config)
+            return 0
+        if os.path.isdir(output):
+            output = os.path.join(output, f"{name}.json")
+        write_json(result, output, run=run_facts, config=info.config)
+        print(f"Wrote {output} ({summary}).")
+        return 0
+    if args.output == "-":
+        raise CLIError("--format csv writes a directory of files; give -o DIR, not -.", USAGE)
+    directory = args.output or f"{name}-csv"
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CLIError(f"--output {directory} is a file; --format csv needs a directory.", USAGE)
+    paths = write_csv(result, directory)
+    print(f"Wrote {', '.join(paths)} ({summary}).")
+    return 0

@@ -1,0 +1,178 @@
+"""``poptune run`` and ``poptune resume``: train with a progress view, then print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from poptune.cli._common import (
+    INTERRUPTED,
+    USAGE,
+    CLIError,
+    _check_name,
+    _check_persistent,
+    _checkpoint_folder,
+    _first_line,
+    _get_run,
+    _open_existing,
+    _open_storage,
+    _redact,
+    _scrub,
+    _split_source,
+    _stdout,
+    _storage_flag,
+)
+
+if TYPE_CHECKING:
+    from poptune.execution.session import RunOptions
+    from poptune.experiment import Experiment
+    from poptune.progress import Mode
+    from poptune.result import Result
+    from poptune.storage.base import RunInfo
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    from poptune.execution.session import RunOptions
+
+    kwargs: dict[str, Any] = {}
+    if args.max_retries is not None:
+        kwargs["max_retries"] = args.max_retries
+    if args.heartbeat_timeout is not None:
+        kwargs["heartbeat_timeout"] = args.heartbeat_timeout
+    try:
+        return RunOptions(**kwargs)
+    except ValueError as e:
+        raise CLIError(str(e), USAGE) from None
+
+
+def _progress_mode(args: argparse.Namespace) -> Mode:
+    if args.no_progress:
+        return "off"
+    return "live" if sys.stdout.isatty() else "lines"
+
+
+def _train(
+    experiment: Experiment,
+    url: str,
+    name: str,
+    source: str,
+    args: argparse.Namespace,
+    *,
+    resume: bool,
+    checkpoints: str | None,
+) -> int:
+    """Runs the experiment with a progress view, then prints the summary (or the interruption)."""
+    from poptune.execution.session import RunFailed
+    from poptune.progress import ProgressDisplay
+
+    options = _run_options(args)
+    with _open_storage(url) as store:  # fails early and clearly; creates the schema once
+        before = store.get_run(name)
+    started = time.monotonic()
+    display = ProgressDisplay(url, name, mode=_progress_mode(args))
+    try:
+        with display:
+            result = experiment.run(
+                url,
+                name,
+                workers=args.workers,
+                executor=args.executor,
+                resume=resume,
+                checkpoints=checkpoints,
+                options=options,
+                source=source,
+            )
+    except KeyboardInterrupt:
+        print(
+            "Interrupted; everything up to the last ready point is saved. Resume with: "
+            f"poptune resume {name}{_storage_flag(url)}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    except RunFailed as e:
+        first = _first_line(str(e)).rstrip(":")
+        raise CLIError(f"{first}; see `poptune status {name}{_storage_flag(url)}`") from None
+    _summary(result, url, name, time.monotonic() - started, before=before)
+    return 0
+
+
+def _summary(
+    result: Result, url: str, name: str, seconds: float, *, before: RunInfo | None
+) -> None:
+    """What the run left and where: best member, counts, storage, checkpoints, next commands."""
+    from poptune.progress import format_duration, format_hparams, format_score
+
+    with _open_storage(url) as store:
+        info = store.get_run(name)
+        failures = len(store.failures(name))
+    status = info.status if info is not None else "?"
+    root = info.checkpoint_root if info is not None else None
+    exploits = sum(1 for e in result.events if e.kind == "exploit")
+    other = len(result.events) - exploits
+    best = result.best
+    flag = _storage_flag(url)
+    out = _stdout()
+    # Completed before and not reconfigured since (a new `steps` would have reopened it).
+    if (
+        before is not None
+        and before.status == "completed"
+        and info is not None
+        and info.fingerprint == before.fingerprint
+    ):
+        head = f"Run {name} was already completed; nothing to do."
+    else:
+        head = f"Run {name} {status} in {format_duration(seconds)}."
+    steps = len(result.history)
+    lines = [
+        head,
+        f"  best member  {best.id}: {result.metric} = {format_score(best.score)} at step "
+        f"{best.step} ({result.mode})",
+        f"  hparams      {format_hparams(best.hparams)}",
+        f"  population   {len(result.members)} members, {steps} steps trained, {exploits} "
+        f"exploits{f' (+{other} other events)' if other else ''}, {failures} failures",
+        f"  storage      {_redact(url)}  (run {name})",
+        f"  checkpoints  {_checkpoint_folder(root, name)}",
+        f"See them:      poptune status {name}{flag}",
+        f"               poptune export {name} --format csv{flag}",
+    ]
+    for line in lines:
+        out.print(_scrub(line), markup=False, highlight=False, overflow="ignore", crop=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from poptune.execution.source import load_experiment
+
+    url: str = args.storage
+    _check_persistent(url)
+    if args.name is not None:
+        _check_name(args.name, "Choose another with --name.")
+    path = _split_source(args.file)
+    if not os.path.isfile(path):
+        raise CLIError(f"No such file: {path}", USAGE)
+    experiment, source = load_experiment(args.file)
+    name = args.name
+    if name is None:
+        stem = os.path.splitext(os.path.basename(_split_source(source)))[0]
+        name = _check_name(stem, f"(from the file name {stem!r}); choose one with --name.")
+    return _train(
+        experiment, url, name, source, args, resume=args.resume, checkpoints=args.checkpoints
+    )
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from poptune.execution.source import load_experiment
+
+    url: str = args.storage
+    name = _check_name(args.run, "")
+    with _open_existing(url) as store:
+        info = _get_run(store, name)
+    if not info.source:
+        raise CLIError(
+            f"Run {name!r} was not started with `poptune run`; resume it from Python with "
+            "experiment.run(storage, name)."
+        )
+    experiment, source = load_experiment(info.source)
+    return _train(experiment, url, name, source, args, resume=True, checkpoints=None)
