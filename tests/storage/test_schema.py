@@ -287,3 +287,26 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         finally:
             conn.close()
+
+
+def _open_at(url: str, start: float) -> str:
+    while time.time() < start:
+        pass
+    try:
+        sql_storage.SQLStorage(url).close()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Six processes opening the same new SQLite file at the same instant all succeed (the
+    switch to WAL mode once answered "database is locked" instead of waiting)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for round_ in range(8):
+            url = f"sqlite:///{tmp_path}/new-{round_}.db"
+            start = time.time() + 0.3
+            outcomes = pool.starmap(_open_at, [(url, start)] * 6)
+            assert outcomes == ["ok"] * 6, outcomes

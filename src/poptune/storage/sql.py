@@ -153,6 +153,27 @@ failures_table = sa.Table(
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switches a SQLite database to WAL mode, waiting while another process holds it.
+
+    Switching a new database file's journal mode takes an exclusive lock and, unlike other
+    statements, does not wait for it: several processes opening the same new file at once
+    (workers, or ``poptune status`` during a run's first seconds) would fail with "database is
+    locked". Retried for up to a minute.
+    """
+    deadline = time.monotonic() + 60
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as e:  # sqlite3.OperationalError
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def redact_url(url: str | sa.URL) -> str:
     """The URL with its password replaced by ``***``: safe to print and log."""
     try:
@@ -430,9 +451,9 @@ class SQLStorage(Storage):
                 # Manage transactions ourselves: pysqlite's implicit BEGIN would defer locks.
                 dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
                 cur.execute("PRAGMA busy_timeout=60000")
+                _enable_wal(cur)
+                cur.execute("PRAGMA synchronous=FULL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
