@@ -19,6 +19,7 @@ $(BIN)/.ready: pyproject.toml Makefile
 demo: $(BIN)/.ready
 	$(BIN)/poptune run examples/toy_quadratic.py --storage sqlite:///poptune.db
 	$(BIN)/python examples/toy_quadratic.py --seeds 100 --plot toy_quadratic.png
+	@echo "The poptune command is in $(BIN): run '. $(BIN)/activate' first, or call $(BIN)/poptune."
 
 test: $(BIN)/.ready lint
 	$(BIN)/python -m pytest -q
