@@ -104,21 +104,20 @@ class Experiment:
         self.synchronous, self.seed = probe.synchronous, probe.seed
         self.initial_hparams = initial_hparams
 
-    def controller(self) -> PBT:
-        """A fresh `PBT` controller for this experiment's configuration."""
-        return PBT(**self._kwargs)
+    def controller(self, snapshot: Mapping[str, Any] | None = None) -> PBT:
+        """A `PBT` controller for this configuration: a new population, or ``snapshot``'s."""
+        return PBT(**self._kwargs, snapshot=snapshot)
 
     def describe(self) -> dict[str, Any]:
         """The configuration as JSON-ready data (stored with a run, compared on resume)."""
-        out = self.controller().describe()
+        pbt = self.controller()
+        out = pbt.describe()
         out["metric"] = self.metric
         t = self.trainable
         # Qualified name without the module: the same file loaded by `poptune run` or imported
         # by a script must give the same configuration.
         out["trainable"] = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
-        out["initial_population"] = {
-            str(mid): dict(m.hparams) for mid, m in self.controller().members.items()
-        }
+        out["initial_population"] = {str(mid): dict(m.hparams) for mid, m in pbt.members.items()}
         return out
 
     def run(

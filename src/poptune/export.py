@@ -20,9 +20,10 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import IO, Any
 
-from poptune.result import Event, MemberRecord, Result
+from poptune.result import Result
 
 __all__ = [
     "event_rows",
@@ -110,31 +111,6 @@ def schedule_rows(result: Result, member: int | None = None) -> Table:
     return ["step", "member", *names], rows
 
 
-def _member_dict(m: MemberRecord) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "hparams": dict(m.hparams),
-        "step": m.step,
-        "score": m.score,
-        "status": m.status,
-        "replaces": m.replaces,
-    }
-
-
-def _event_dict(ev: Event) -> dict[str, Any]:
-    return {
-        "index": ev.index,
-        "kind": ev.kind,
-        "member": ev.member,
-        "step": ev.step,
-        "donor": ev.donor,
-        "donor_step": ev.donor_step,
-        "old_hparams": dict(ev.old_hparams),
-        "new_hparams": dict(ev.new_hparams),
-        "operations": dict(ev.operations),
-    }
-
-
 def result_to_json(
     result: Result,
     *,
@@ -156,13 +132,13 @@ def result_to_json(
     data: dict[str, Any] = {
         "run": {"name": result.name, "mode": result.mode, "metric": result.metric, **(run or {})},
         "config": dict(config) if config is not None else None,
-        "members": [_member_dict(m) for m in result.members],
+        "members": [asdict(m) for m in result.members],
         "history": [
             {"member": r.member, "step": r.step, "score": r.score, "metrics": dict(r.metrics)}
             for r in result.history
         ],
-        "events": [_event_dict(ev) for ev in result.events],
-        "best": _member_dict(best) if best is not None else None,
+        "events": [ev.to_dict() for ev in result.events],
+        "best": asdict(best) if best is not None else None,
         "schedule": [
             {"step": s.step, "member": s.member, "hparams": dict(s.hparams)}
             for s in (result.schedule(best.id) if best is not None else [])

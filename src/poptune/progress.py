@@ -77,24 +77,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _record(row: MemberRow) -> MemberRecord:
-    s = row.state
-    score = s.get("score")
-    return MemberRecord(
-        id=int(s["id"]),
-        hparams=dict(s.get("hparams") or {}),
-        step=int(s.get("step") or 0),
-        score=None if score is None else float(score),
-        status=str(s.get("status", "?")),
-        replaces=s.get("replaces"),
-    )
-
-
 def best_member(info: RunInfo, rows: Sequence[MemberRow]) -> MemberRecord | None:
     """The best member by the rule of `poptune.Result.best`, from stored rows; None if empty."""
     if not rows:
         return None
-    records = [_record(r) for r in rows]
+    records = [MemberRecord.from_state(r.state) for r in rows]
     cfg = info.config
     view = Result(
         name=info.name,
@@ -266,7 +253,7 @@ class RunProgress:
         table.add_column("hyperparameters", overflow="fold")
         table.add_column("status")
         for row in snap.members:
-            m = _record(row)
+            m = MemberRecord.from_state(row.state)
             is_best = best is not None and m.id == best.id and m.score is not None
             table.add_row(
                 f"{m.id}{' *' if is_best else ''}",

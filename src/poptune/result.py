@@ -30,6 +30,19 @@ class MemberRecord:
     status: str
     replaces: int | None = None
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> MemberRecord:
+        """The record of a member from its stored state (`poptune.MemberState.to_dict`)."""
+        score = state.get("score")
+        return cls(
+            id=int(state["id"]),
+            hparams=dict(state.get("hparams") or {}),
+            step=int(state.get("step") or 0),
+            score=None if score is None else float(score),
+            status=str(state.get("status", "?")),
+            replaces=state.get("replaces"),
+        )
+
 
 @dataclass(frozen=True)
 class HistoryRecord:
@@ -67,6 +80,27 @@ class Event:
     new_hparams: Mapping[str, Any]
     operations: Mapping[str, str] = field(default_factory=dict)
     kind: str = "exploit"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready data (how storages and exports keep an event)."""
+        # Spelled out: dataclasses.asdict deep-copies recursively, several times slower, and
+        # every exploit of a run goes through here.
+        return {
+            "index": self.index,
+            "member": self.member,
+            "step": self.step,
+            "donor": self.donor,
+            "donor_step": self.donor_step,
+            "old_hparams": dict(self.old_hparams),
+            "new_hparams": dict(self.new_hparams),
+            "operations": dict(self.operations),
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """The event `to_dict` described."""
+        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

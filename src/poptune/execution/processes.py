@@ -47,18 +47,20 @@ from poptune.execution.session import (
     RunFailed,
     RunOptions,
     controller_from,
-    event_dict,
     member_rows,
     new_worker_id,
     now,
     owner_alive,
+    release_held,
     released,
     retention,
+    write_population,
 )
 from poptune.storage.base import (
     FailureRow,
     MemberRow,
     ResultRow,
+    RunInfo,
     Storage,
     StorageError,
     Transaction,
@@ -228,34 +230,41 @@ class _Worker:
         outcome = self._commit(mid, step, results, saved)
         if outcome is None:
             return -1  # lost the claim: the work is dropped
-        decision, location, donor_location, claimed = outcome
-        if decision is not None and decision.copies_state:
-            assert donor_location is not None
-            state = self.ckpts.load(donor_location)
+        decision, location, claimed = outcome
+        if decision.action in ("exploit", "explore"):
+            # After an exploit `location` is the donor's checkpoint: load it, then the hparams.
+            state = self.ckpts.load(location) if decision.copies_state else None
             trainable = apply_decision(self.exp, trainable, decision, state)
-        elif decision is not None and decision.action == "explore":
-            trainable = apply_decision(self.exp, trainable, decision, None)
         self.cache[mid] = (location, trainable)
         return claimed
 
+    def _owned(self, tx: Transaction, mid: int) -> tuple[RunInfo, dict[int, MemberRow]] | None:
+        """The run and its members, if this worker still holds ``mid``; else None (it was
+        presumed dead and the member reclaimed: whatever it did since must be dropped)."""
+        stored = {r.id: r for r in tx.members()}
+        if stored[mid].owner != self.id:
+            self.held = None
+            return None
+        return tx.run(), stored
+
     def _commit(
         self, mid: int, step: int, results: list[ResultRow], saved: Any
-    ) -> tuple[Decision | None, str | None, str | None, int | None] | None:
-        doomed: list[str] = []
+    ) -> tuple[Decision, str, int | None] | None:
+        """Records a member's interval and its ready point's decision; returns the decision,
+        the checkpoint its state is in now (the donor's, after an exploit) and the next
+        member claimed (see `_claim`); None if this worker no longer holds the member."""
         with self.storage.transaction(self.spec.name) as tx:
-            info = tx.run()
-            stored = {r.id: r for r in tx.members()}
-            mine = stored[mid]
-            if mine.owner != self.id:
-                self.held = None
+            owned = self._owned(tx, mid)
+            if owned is None:
                 return None
+            info, stored = owned
             pbt = controller_from(self.exp, info, stored.values())
             for r in results:
                 pbt.report(mid, r.step, r.score)
             decision = pbt.decide(mid)
             tx.add_checkpoint(mid, step, saved.location, saved.size)
-            overrides: dict[str, dict[str, Any]] = {
-                str(mid): {
+            changes: dict[int, dict[str, Any]] = {
+                mid: {
                     "owner": None,
                     "heartbeat": None,
                     "checkpoint": saved.location,
@@ -267,35 +276,32 @@ class _Worker:
             if pbt.synchronous:  # a completed generation decides every member at once
                 # (this member's own decision was already handed over by `decide`)
                 decisions = [decision if k == mid else pbt.poll(k) for k in sorted(pbt.members)]
-            own = next((d for d in decisions if d.member == mid), decision)
             before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
             before[mid] = (saved.location, step)  # the state this member was judged on
-            events = self._lineage(decisions, before, overrides, tx.event_count())
-            donor_location = overrides[str(mid)]["checkpoint"] if own.copies_state else None
-            rows = member_rows(pbt, stored, **overrides)
-            tx.put_members(rows)
-            snap = pbt.snapshot()
-            tx.set_controller(snap["generation"], snap["pending"])
+            events = self._lineage(decisions, before, changes, tx.event_count())
+            final = changes[mid]["checkpoint"]
+            rows = member_rows(pbt, stored, changes)
+            write_population(tx, pbt, rows)
             tx.add_results(results)
             tx.add_events(events)
             doomed = retention(tx, self.options.keep_checkpoints, rows)
-            final = overrides[str(mid)]["checkpoint"]
             claimed = self._pick(tx, info.status, rows)
         for location in doomed:
             self.ckpts.delete(location)
-        return own, final, donor_location, claimed
+        return decision, final, claimed
 
     @staticmethod
     def _lineage(
         decisions: list[Decision],
         checkpoints: dict[int, tuple[str | None, int | None]],
-        overrides: dict[str, dict[str, Any]],
+        changes: dict[int, dict[str, Any]],
         first_index: int,
         kinds: dict[int, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Events for the decisions that changed members. A member that copies a donor's state
         now refers to the donor's checkpoint as it was *before* any of these decisions
-        (``checkpoints``: member -> location, step), whatever else they change."""
+        (``checkpoints``: member -> location, step), whatever else they change; that is
+        recorded in ``changes``."""
         events: list[dict[str, Any]] = []
         for d in decisions:
             if d.action not in ("exploit", "explore"):
@@ -303,23 +309,22 @@ class _Worker:
             if d.copies_state:
                 assert d.donor is not None
                 location, step = checkpoints[d.donor]
-                overrides.setdefault(str(d.member), {}).update(
+                changes.setdefault(d.member, {}).update(
                     {"checkpoint": location, "checkpoint_step": step}
                 )
             kind = (kinds or {}).get(d.member)
-            events.append(event_dict(event_from_decision(first_index + len(events), d, kind)))
+            events.append(event_from_decision(first_index + len(events), d, kind).to_dict())
         return events
 
     def _failed(self, mid: int, exc: BaseException) -> None:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         count = len(self.storage.failures(self.spec.name)) - self.spec.failures_before + 1
         with self.storage.transaction(self.spec.name) as tx:
-            info = tx.run()
-            stored = {r.id: r for r in tx.members()}
-            mine = stored[mid]
-            if mine.owner != self.id:
-                self.held = None
+            owned = self._owned(tx, mid)
+            if owned is None:
                 return
+            info, stored = owned
+            mine = stored[mid]
             attempt = mine.attempts + 1
             step = int(mine.state["step"])
             tx.add_failure(FailureRow(mid, step, attempt, text, now()))
@@ -338,28 +343,24 @@ class _Worker:
                 return
             pbt = controller_from(self.exp, info, stored.values())
             d = pbt.replace(mid)
-            overrides: dict[str, dict[str, Any]] = {
-                str(mid): {"owner": None, "heartbeat": None, "attempts": attempt}
+            changes: dict[int, dict[str, Any]] = {
+                mid: {"owner": None, "heartbeat": None, "attempts": attempt}
             }
             decisions = [d]
             if pbt.synchronous:  # the failure may have completed a generation
                 decisions += [pbt.poll(k) for k in sorted(pbt.members) if k != d.member]
             before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
             events = self._lineage(
-                decisions, before, overrides, tx.event_count(), {d.member: "replace"}
+                decisions, before, changes, tx.event_count(), {d.member: "replace"}
             )
-            rows = member_rows(pbt, stored, **overrides)
-            tx.put_members(rows)
-            snap = pbt.snapshot()
-            tx.set_controller(snap["generation"], snap["pending"])
+            write_population(tx, pbt, member_rows(pbt, stored, changes))
             tx.add_events(events)
         self.held = None
 
     def _release_all(self) -> None:
         try:
             with self.storage.transaction(self.spec.name) as tx:
-                rows = [released(r) for r in tx.members() if r.owner == self.id]
-                tx.put_members(rows)
+                release_held(tx, self.id.__eq__)
         except Exception:
             pass
         self.storage.close()
@@ -381,10 +382,7 @@ def _release_worker(storage: Storage, name: str, pid: int) -> None:
     """Frees every member held by the worker process ``pid`` of this machine."""
     prefix = f"{socket.gethostname()}:{pid}:"
     with storage.transaction(name) as tx:
-        rows = [
-            released(r) for r in tx.members() if r.owner is not None and r.owner.startswith(prefix)
-        ]
-        tx.put_members(rows)
+        release_held(tx, lambda owner: owner.startswith(prefix))
 
 
 def run_processes(

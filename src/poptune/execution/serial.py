@@ -21,6 +21,7 @@ import copy
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from poptune.controller import PBT, Decision
@@ -35,13 +36,13 @@ from poptune.execution.session import (
     RunFailed,
     RunOptions,
     controller_from,
-    event_dict,
     member_rows,
     new_worker_id,
     now,
     owner_alive,
-    released,
+    release_held,
     retention,
+    write_population,
 )
 from poptune.result import Event, HistoryRecord
 from poptune.storage.base import FailureRow, MemberRow, ResultRow, Storage, StorageError
@@ -189,7 +190,6 @@ class _SerialRun:
         self.ckpts, self.options = checkpoints, options
         self.worker = new_worker_id()
         self.rows: dict[int, MemberRow] = {}
-        self.dirty: set[int] = set()
         self.failures = 0
         self.max_failures = options.max_failures or 2 * experiment.population_size
         self._stop_heartbeat = threading.Event()
@@ -208,13 +208,9 @@ class _SerialRun:
                         f"heartbeat {t - (r.heartbeat or t):.0f} s ago). Stop it first, or wait "
                         f"{self.options.heartbeat_timeout:.0f} s after it died."
                     )
-            self.rows = {r.id: r for r in rows}
             pbt = controller_from(self.exp, info, rows)
-            claimed = member_rows(
-                pbt,
-                self.rows,
-                **{str(r.id): {"owner": self.worker, "heartbeat": t} for r in rows},
-            )
+            mine = {"owner": self.worker, "heartbeat": t}
+            claimed = member_rows(pbt, {r.id: r for r in rows}, {r.id: mine for r in rows})
             tx.put_members(claimed)
             tx.set_status("running")
             self.rows = {r.id: r for r in claimed}
@@ -273,8 +269,7 @@ class _SerialRun:
         error = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc)
         try:
             with self.storage.transaction(self.name) as tx:
-                rows = [released(r) for r in tx.members() if r.owner == self.worker]
-                tx.put_members(rows)
+                release_held(tx, self.worker.__eq__)
                 tx.set_status(status, error)
         except Exception:
             if exc is None:
@@ -300,22 +295,20 @@ class _SerialRun:
                         f"Member {mid} of run {self.name!r} was claimed by another worker "
                         f"({r.owner}): two processes are training this run."
                     )
-            overrides: dict[str, dict[str, Any]] = {}
+            changes: dict[int, dict[str, Any]] = {}
             for mid, info in saved.items():
                 tx.add_checkpoint(mid, pbt.members[mid].step, info.location, info.size)
-                overrides[str(mid)] = {
+                changes[mid] = {
                     "checkpoint": info.location,
                     "checkpoint_step": pbt.members[mid].step,
                     "attempts": 0,
                     "owner": self.worker,
                     "heartbeat": now(),
                 }
-            rows = member_rows(pbt, self.rows, **overrides)
-            tx.put_members(rows)
-            snap = pbt.snapshot()
-            tx.set_controller(snap["generation"], snap["pending"])
+            rows = member_rows(pbt, self.rows, changes)
+            write_population(tx, pbt, rows)
             tx.add_results([ResultRow(h.member, h.step, h.score, h.metrics) for h in history])
-            tx.add_events([event_dict(e) for e in events])
+            tx.add_events([e.to_dict() for e in events])
             doomed = retention(tx, self.options.keep_checkpoints, rows)
             self.rows = {r.id: r for r in rows}
         for location in doomed:
@@ -332,9 +325,7 @@ class _SerialRun:
         self.failures += 1
         with self.storage.transaction(self.name) as tx:
             tx.add_failure(FailureRow(mid, m.step, attempt, text, now()))
-        self.rows[mid] = MemberRow(
-            row.state, row.owner, row.heartbeat, row.checkpoint, row.checkpoint_step, attempt
-        )
+        self.rows[mid] = replace(row, attempts=attempt)
         if self.failures > self.max_failures:
             raise RunFailed(
                 f"Run {self.name!r} stopped: {self.failures} failures in user code (more than "
@@ -349,7 +340,6 @@ class _SerialRun:
         d = pbt.replace(mid)
         state = self.loop._state_of(d) if d.copies_state else None
         loop.apply(d, state, kind="replace")
-        self.dirty.add(d.member)
 
     def _retry(self, mid: int) -> None:
         """Restores the member from its last checkpoint and replays it up to its step.

@@ -8,14 +8,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from poptune.controller import PBT, MemberState
+from poptune.controller import PBT
 from poptune.result import Event, HistoryRecord, MemberRecord, Result
 from poptune.storage.base import (
-    CheckpointRow,
     MemberRow,
     RunInfo,
     Storage,
@@ -123,11 +122,18 @@ def owner_alive(owner: str | None, heartbeat: float | None, timeout: float, now:
     return heartbeat is not None and now - heartbeat < timeout
 
 
-def member_rows(pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any) -> list[MemberRow]:
-    """Rows for every member of the controller, keeping fields the controller doesn't know."""
+def member_rows(
+    pbt: PBT,
+    previous: Mapping[int, MemberRow],
+    changes: Mapping[int, Mapping[str, Any]] | None = None,
+) -> list[MemberRow]:
+    """Rows for every member of the controller, keeping what the controller doesn't know
+    (owner, heartbeat, checkpoint, attempts) from ``previous`` except where ``changes`` (by
+    member id) sets it."""
     out = []
     for mid, m in pbt.members.items():
         old = previous.get(mid)
+        # Built once per member and commit (on the hot path of in-memory runs): no replace().
         fields: dict[str, Any] = {
             "owner": old.owner if old else None,
             "heartbeat": old.heartbeat if old else None,
@@ -135,37 +141,41 @@ def member_rows(pbt: PBT, previous: Mapping[int, MemberRow], **overrides: Any) -
             "checkpoint_step": old.checkpoint_step if old else None,
             "attempts": old.attempts if old else 0,
         }
-        fields.update(overrides.get(str(mid), {}))
-        out.append(MemberRow(state=m.to_dict(), **fields))
+        if changes and mid in changes:
+            fields.update(changes[mid])
+        out.append(MemberRow(m.to_dict(), **fields))
     return out
+
+
+def write_population(tx: Transaction, pbt: PBT, rows: Sequence[MemberRow]) -> None:
+    """Stores the members' rows and the controller-wide state (generation, pending)."""
+    tx.put_members(rows)
+    tx.set_controller(pbt.generation, pbt.pending_state())
+
+
+def release_held(tx: Transaction, held: Callable[[str], bool]) -> None:
+    """Frees, in ``tx``, every member whose owner ``held`` recognises."""
+    tx.put_members([released(r) for r in tx.members() if r.owner is not None and held(r.owner)])
 
 
 def released(row: MemberRow, attempts: int | None = None) -> MemberRow:
     """The row with no owner (optionally with a new count of failed attempts)."""
-    return MemberRow(
-        row.state,
-        None,
-        None,
-        row.checkpoint,
-        row.checkpoint_step,
-        row.attempts if attempts is None else attempts,
-    )
+    free = replace(row, owner=None, heartbeat=None)
+    return free if attempts is None else replace(free, attempts=attempts)
 
 
 def controller_from(experiment: Experiment, info: RunInfo, rows: Iterable[MemberRow]) -> PBT:
     """The experiment's controller, restored to the state stored for the run."""
-    pbt = experiment.controller()
-    pbt.restore(
-        {
+    return experiment.controller(
+        snapshot={
             "generation": info.generation,
             "members": [r.state for r in rows],
             "pending": info.pending,
         }
     )
-    return pbt
 
 
-def _check_jsonable(experiment: Experiment, pbt: PBT) -> None:
+def _check_jsonable(pbt: PBT) -> None:
     for m in pbt.members.values():
         try:
             json.dumps(m.hparams, allow_nan=False)
@@ -199,7 +209,7 @@ def prepare_run(
     info = storage.get_run(name)
     if info is None:
         pbt = experiment.controller()
-        _check_jsonable(experiment, pbt)
+        _check_jsonable(pbt)
         rows = member_rows(pbt, {})
         try:
             return storage.create_run(
@@ -240,10 +250,8 @@ def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:
     rows = tx.members()
     changed = []
     for r in rows:
-        state = dict(r.state)
-        if state["status"] == "finished" and int(state["step"]) < experiment.steps:
-            state["status"] = "running"
-            changed.append(MemberRow(state, None, None, r.checkpoint, r.checkpoint_step, 0))
+        if r.state["status"] == "finished" and int(r.state["step"]) < experiment.steps:
+            changed.append(replace(released(r, 0), state={**r.state, "status": "running"}))
     tx.put_members(changed)
     if changed:
         tx.set_status("interrupted")
@@ -273,67 +281,27 @@ def retention(tx: Transaction, keep_last: int, rows: Sequence[MemberRow]) -> lis
     return doomed
 
 
-def event_dict(e: Event) -> dict[str, Any]:
-    return {
-        "index": e.index,
-        "member": e.member,
-        "step": e.step,
-        "donor": e.donor,
-        "donor_step": e.donor_step,
-        "kind": e.kind,
-        "old_hparams": dict(e.old_hparams),
-        "new_hparams": dict(e.new_hparams),
-        "operations": dict(e.operations),
-    }
-
-
 def load_result(storage: Storage, name: str) -> Result:
     """The `Result` of a run, read back from its storage."""
     info = storage.get_run(name)
     if info is None:
         raise StorageError(f"No run named {name!r} in {storage.display_url}.")
     cfg = info.config
-    rows = storage.members(name)
-    states = [MemberState.from_dict(r.state) for r in rows]
-    initial: dict[int, Any] = {}
-    events = [
-        Event(
-            index=e["index"],
-            member=e["member"],
-            step=e["step"],
-            donor=e["donor"],
-            donor_step=e["donor_step"],
-            old_hparams=e["old_hparams"],
-            new_hparams=e["new_hparams"],
-            operations=e["operations"],
-            kind=e["kind"],
-        )
-        for e in storage.events(name)
-    ]
+    members = [MemberRecord.from_state(r.state) for r in storage.members(name)]
     stored_initial = cfg.get("initial_population") or {}
-    for m in states:
-        if str(m.id) in stored_initial:
-            initial[m.id] = stored_initial[str(m.id)]
-    history = [HistoryRecord(r.member, r.step, r.metrics, r.score) for r in storage.results(name)]
     return Result(
         name=name,
         mode=str(cfg.get("mode", "max")),
         metric=str(cfg.get("metric", "score")),
-        initial_hparams=initial,
-        members=[
-            MemberRecord(m.id, dict(m.hparams), m.step, m.score, m.status, m.replaces)
-            for m in sorted(states, key=lambda m: m.id)
+        initial_hparams={
+            m.id: stored_initial[str(m.id)] for m in members if str(m.id) in stored_initial
+        },
+        members=sorted(members, key=lambda m: m.id),
+        history=[
+            HistoryRecord(r.member, r.step, r.metrics, r.score) for r in storage.results(name)
         ],
-        history=history,
-        events=events,
+        events=[Event.from_dict(e) for e in storage.events(name)],
     )
-
-
-def latest_checkpoints(rows: Sequence[CheckpointRow]) -> dict[int, CheckpointRow]:
-    out: dict[int, CheckpointRow] = {}
-    for c in rows:
-        out[c.member] = c
-    return out
 
 
 def now() -> float:

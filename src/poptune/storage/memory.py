@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 from poptune.storage.base import (
@@ -257,8 +258,6 @@ class MemoryCheckpointStore:
         self._count = 0
 
     def save(self, run: str, member: int, step: int, state: object) -> Any:
-        from types import SimpleNamespace
-
         self._count += 1
         location = f"{run}/member-{member:05d}/step-{step:09d}-{self._count}"
         self._states[location] = copy.deepcopy(state)
