@@ -367,13 +367,17 @@ def score_of(member: int, step: int, hparams: dict[str, Any]) -> float:
 
 
 def tick(pbt: pt.PBT, members: list[int] | None = None) -> list[pt.Decision]:
-    """Every running member trains one step and tells its score; then all decisions are read."""
-    out = []
-    for mid in members if members is not None else sorted(pbt.members):
+    """Every running member trains one step and reports its score; then each is judged, as the
+    serial executor does (in lockstep, so a member never finds its donor a step behind)."""
+    chosen = [
+        mid
+        for mid in (members if members is not None else sorted(pbt.members))
+        if pbt.members[mid].status == "running"
+    ]
+    for mid in chosen:
         m = pbt.members[mid]
-        if m.status == "running":
-            out.append(pbt.tell(mid, m.step + 1, score_of(mid, m.step + 1, m.hparams)))
-    return out
+        pbt.report(mid, m.step + 1, score_of(mid, m.step + 1, m.hparams))
+    return [pbt.decide(mid) for mid in chosen]
 
 
 def poll_all(pbt: pt.PBT) -> list[pt.Decision]:
@@ -471,7 +475,8 @@ def test_replace_copies_a_top_member_under_a_new_id() -> None:
     assert (d.action, d.member, d.donor, d.donor_step, d.step) == ("exploit", 4, 3, 5, 5)
     assert round(d.hparams["lr"], 9) in (6.4, 9.6)  # 8.0 * 0.8 or * 1.2
     new = pbt.members[4]
-    assert (new.replaces, new.step, new.last_ready, new.score) == (1, 5, 5, 3.0)
+    # It keeps the donor's ready clock (the donor was last judged at step 0).
+    assert (new.replaces, new.step, new.last_ready, new.score) == (1, 5, 0, 3.0)
     assert new.hparams == d.hparams and new.status == "running"
     assert d.copies_state
 

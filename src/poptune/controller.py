@@ -21,13 +21,22 @@ Semantics, each one a trap that bit another library:
 
 * A member is *ready* when ``step >= burn_in`` and ``step - last_ready >= interval``, and it has
   not reached ``steps``. Only then is it judged.
-* It is judged against the *latest known* score of every other alive member (asynchronous
-  mode), or against the scores of a whole generation once every alive member has reached its
-  ready point (``synchronous=True``). Finished and failed members are never waited for.
+* Asynchronous mode: a member judged at step ``s`` is compared with every other alive member's
+  score *at step s* where that member has one (the score of its latest ready point at or
+  before ``s``; members ahead of ``s`` keep a record of their recent ready points for this), so
+  members are never ranked against more trained or less trained versions of each other when an
+  equal-step score exists. A donor is never *behind* the member (its latest checkpoint is at a
+  step before ``s``): such a choice is a ``"continue"``. Copying back would make the member
+  re-train steps it has trained, and on a score that saturates it livelocks (trap 13).
+* Synchronous mode (``synchronous=True``): members are judged together once every alive member
+  has reached the generation's ready point. Finished and failed members are never waited for,
+  and a replacement joins the generation clock of the member it copied. Every decision a closing
+  generation makes is kept until `collect` (or `poll`) hands it out: none is lost.
 * The donor's state to copy is the one that produced the donor's latest known score:
-  ``Decision.donor_step`` names its step. After an exploit the member's step *is* the donor's
-  step, its next ready point is counted from there, and its latest score and score window are
-  the donor's (a score measures the weights, which are now the donor's).
+  ``Decision.donor_step`` names its step (never before the member's). After an exploit the
+  member's step *is* the donor's step, its next ready point is counted from there, and its
+  latest score, score window and ready-point record are the donor's (a score measures the
+  weights, which are now the donor's).
 * Explore always starts from the donor's hyperparameters.
 * NaN, infinite and missing scores rank worst; exact ties are broken at random; fewer than two
   scored members means no exploit.
@@ -57,6 +66,9 @@ Action = Literal["continue", "wait", "exploit", "explore"]
 Status = Literal["running", "waiting", "finished", "failed"]
 
 _RNG_INIT, _RNG_DECIDE, _RNG_GENERATION, _RNG_REPLACE = 1, 2, 3, 4
+#: Ready points a member remembers (step, score), for equal-step comparisons with members that
+#: reach a step later than it did. Workers keep members within a few intervals of each other.
+READY_RECORD = 8
 
 
 def derive_rng(seed: int, *keys: int) -> np.random.Generator:
@@ -84,6 +96,11 @@ class MemberState:
         status: running, waiting (at a synchronous barrier), finished or failed.
         decisions: How many decisions it has had; keys its random stream.
         replaces: The failed member it replaced, if any.
+        ready: Its recent ready points as ``[step, score]`` pairs, oldest first (its donor's
+            before an exploit): what it scored at each, for equal-step comparisons.
+        segment: The index of the lineage event that began the stretch of its life it is in
+            now (None: its initial stretch). Set by executors, which number events; the
+            controller only carries it.
     """
 
     id: int
@@ -96,6 +113,8 @@ class MemberState:
     status: Status = "running"
     decisions: int = 0
     replaces: int | None = None
+    ready: list[list[float]] = field(default_factory=list)
+    segment: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +128,8 @@ class MemberState:
             "status": self.status,
             "decisions": self.decisions,
             "replaces": self.replaces,
+            "ready": [list(r) for r in self.ready],
+            "segment": self.segment,
         }
 
     @classmethod
@@ -124,6 +145,8 @@ class MemberState:
             status=data["status"],
             decisions=int(data["decisions"]),
             replaces=None if data.get("replaces") is None else int(data["replaces"]),
+            ready=[[int(r[0]), float(r[1])] for r in data.get("ready") or ()],
+            segment=None if data.get("segment") is None else int(data["segment"]),
         )
 
 
@@ -280,6 +303,16 @@ class PBT:
             return False
         return m.step >= self.burn_in and m.step - m.last_ready >= self.interval
 
+    def next_ready(self, member: int) -> int:
+        """The step at which ``member`` is next judged: its next ready point, or ``steps``.
+
+        The one readiness rule every executor trains by: a member trains from its step up to
+        this step, then is judged. Equal to its step when it is ready now.
+        """
+        m = self._member(member)
+        ready = max(m.last_ready + self.interval, self.burn_in, m.step)
+        return ready if self.steps is None else min(ready, max(self.steps, m.step))
+
     def tell(self, member: int, step: int, score: float | None) -> Decision:
         """Records a score, then judges the member if it is ready (see `decide`)."""
         self.report(member, step, score)
@@ -301,12 +334,25 @@ class PBT:
             return Decision("continue", member, m.step)
         if not self.is_ready(member):
             return Decision("continue", member, m.step)
+        self._record_ready(m)
         if not self.synchronous:
             rng = rng if rng is not None else derive_rng(self.seed, _RNG_DECIDE, m.id, m.decisions)
-            return self._judge(m, self._candidates(), rng, self._donor_state)
+            return self._judge(m, self._candidates(m.step), rng, self._donor_state)
         m.status = "waiting"
         self._maybe_close_generation(rng)
         return self.poll(member)
+
+    def collect(self) -> list[Decision]:
+        """Hands out, by member id, every decision made but not yet delivered.
+
+        In synchronous mode a generation is decided by whichever call completes it: a
+        member's `decide`, or `fail`, `finish` or `replace` of another member. An executor
+        calls this after each of those and applies all it returns, so no decision is lost or
+        delivered late. Always empty in asynchronous mode.
+        """
+        out = [self._pending[k] for k in sorted(self._pending)]
+        self._pending.clear()
+        return out
 
     def poll(self, member: int) -> Decision:
         """Synchronous mode: the member's decision once its generation is decided, else wait."""
@@ -339,6 +385,9 @@ class PBT:
         ``ceil(20%)``), then explores; with no scored member to copy, it starts afresh from the
         priors. Returns its decision: ``"exploit"`` with a donor, or ``"explore"`` from
         scratch (``donor`` None, ``donor_step`` 0).
+
+        In synchronous mode failing the member may complete a generation: call `fail` and
+        `collect` first to apply those decisions before this one (the executors do).
         """
         old = self._member(failed)
         if old.status != "failed":
@@ -363,8 +412,7 @@ class PBT:
         ops: dict[str, str] = {}
         if self.explore is not None:
             hparams, ops = self.explore(donor.hparams, self.space, rng)
-        self._adopt(new, donor.to_dict(), hparams)
-        return Decision(
+        decision = Decision(
             "exploit",
             new_id,
             donor.step,
@@ -374,27 +422,60 @@ class PBT:
             dict(donor.hparams),
             ops,
         )
+        # The replacement keeps the donor's ready clock: its next ready point is the donor's, so
+        # a synchronous generation stays aligned and an asynchronous member is not judged early.
+        self._adopt(new, donor.to_dict(), hparams, last_ready=min(donor.last_ready, donor.step))
+        if self.synchronous and self.is_ready(new_id):
+            # Copied from a member waiting at the barrier: it is at the generation's ready
+            # point already, so it joins this generation rather than train past it. Its
+            # generation decision (if this closes it) comes after this one, from `collect`.
+            self._record_ready(new)
+            new.status = "waiting"
+            self._maybe_close_generation(None)
+        return decision
 
     # -- judging -----------------------------------------------------------------------------
+
+    def _record_ready(self, m: MemberState) -> None:
+        score = math.nan if m.score is None else float(m.score)
+        if m.ready and m.ready[-1][0] == m.step:
+            m.ready[-1] = [m.step, score]
+        else:
+            m.ready.append([m.step, score])
+            if len(m.ready) > READY_RECORD:
+                del m.ready[: len(m.ready) - READY_RECORD]
+
+    @staticmethod
+    def _score_at(m: MemberState, step: int | None) -> float | None:
+        """``m``'s score at ``step``: that of its latest ready point (or report) at or before
+        ``step``; its latest score if it has none (or ``step`` is None)."""
+        if step is None or m.score_step is None or m.score_step <= step:
+            return m.score
+        for s, score in reversed(m.ready):
+            if s <= step:
+                return score
+        return m.score
 
     def _oriented(self, score: float | None) -> float:
         if score is None or not math.isfinite(score):
             return -math.inf
         return score if self.mode == "max" else -score
 
-    def _candidate(self, m: MemberState) -> Candidate:
+    def _candidate(self, m: MemberState, step: int | None = None) -> Candidate:
         # Every decision ranks the whole population; a member's candidate is rebuilt only when
         # its score or window changed, which keeps the cost per decision low as it grows.
+        score = self._score_at(m, step)
         memo = self._candidate_memo.get(m.id)
-        if memo is not None and memo[0] == m.score and memo[1] == m.window:
+        if memo is not None and memo[0] == score and memo[1] == m.window:
             return memo[2]
-        c = Candidate(m.id, self._oriented(m.score), tuple(self._oriented(s) for s in m.window))
-        self._candidate_memo[m.id] = (m.score, list(m.window), c)
+        c = Candidate(m.id, self._oriented(score), tuple(self._oriented(s) for s in m.window))
+        self._candidate_memo[m.id] = (score, list(m.window), c)
         return c
 
-    def _candidates(self) -> list[Candidate]:
+    def _candidates(self, step: int | None = None) -> list[Candidate]:
+        """Every alive scored member, each scored at ``step`` where it can be (see `_score_at`)."""
         return [
-            self._candidate(m)
+            self._candidate(m, step)
             for m in self.members.values()
             if m.status in ("running", "waiting") and m.score is not None
         ]
@@ -421,6 +502,10 @@ class PBT:
             donor_id = self.exploit.select(me, candidates, rng)
         if donor_id is not None and donor_id != m.id:
             donor = donor_state(donor_id)
+            donor_step = donor["score_step"] if donor["score_step"] is not None else donor["step"]
+            if int(donor_step) < step:
+                donor_id = None  # never copy back: the member would re-train its own steps
+        if donor_id is not None and donor_id != m.id:
             hparams = dict(donor["hparams"])
             ops: dict[str, str] = {}
             if self.explore is not None:
@@ -434,13 +519,20 @@ class PBT:
             return Decision("explore", m.id, step, m.id, step, hparams, old, ops)
         return Decision("continue", m.id, step)
 
-    def _adopt(self, m: MemberState, donor: Mapping[str, Any], hparams: dict[str, Any]) -> None:
+    def _adopt(
+        self,
+        m: MemberState,
+        donor: Mapping[str, Any],
+        hparams: dict[str, Any],
+        last_ready: int | None = None,
+    ) -> None:
         m.hparams = hparams
         m.step = int(donor["score_step"] if donor["score_step"] is not None else donor["step"])
-        m.last_ready = m.step
+        m.last_ready = m.step if last_ready is None else last_ready
         m.score = donor["score"]
         m.score_step = donor["score_step"]
         m.window = list(donor["window"])
+        m.ready = [list(r) for r in donor.get("ready") or ()]
 
     def _maybe_close_generation(self, rng: np.random.Generator | None) -> None:
         alive = [m for m in self.members.values() if m.status in ("running", "waiting")]
