@@ -13,7 +13,7 @@ Example:
 from typing import TYPE_CHECKING
 
 from poptune.controller import PBT, Decision, MemberState
-from poptune.execution.session import ConfigMismatch, RunFailed, RunOptions
+from poptune.execution.session import ConfigMismatch, RunFailed, RunInterrupted, RunOptions
 from poptune.experiment import Experiment
 from poptune.result import Event, HistoryRecord, MemberRecord, Result, ScheduleStep
 from poptune.space import Choice, Float, Int, Parameter, Space
@@ -74,6 +74,7 @@ __all__ = [
     "Resample",
     "Result",
     "RunFailed",
+    "RunInterrupted",
     "RunOptions",
     "ScheduleStep",
     "Space",

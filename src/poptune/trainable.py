@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["FunctionTrainable", "Metrics", "Trainable", "trainable"]
+__all__ = ["FunctionTrainable", "MemberContext", "Metrics", "Trainable", "trainable"]
 
 Metrics = float | Mapping[str, float]
 S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class MemberContext:
+    """Who a trainable is, for logging: set by the executor before each stretch of training.
+
+    Attributes:
+        run: The run's name (``"run"`` for an in-memory run without one).
+        member: The member's id.
+        worker: The id of the worker training it (``host:pid:...``).
+        step: The member's step when this stretch of training began.
+    """
+
+    run: str
+    member: int
+    worker: str
+    step: int
 
 
 class Trainable:
@@ -18,12 +36,20 @@ class Trainable:
     new hyperparameters in ``self.hparams`` and may be overridden to apply them in place (say,
     to an optimizer's param groups). poptune always calls `set_hparams` *after*
     `load_state_dict`, so a loaded optimizer state never brings back the donor's old learning
-    rate.
+    rate. `close` is called when the member leaves a worker (to free GPU memory, files...).
+
+    Attributes:
+        hparams: The hyperparameters in force.
+        seed: This member's seed.
+        context: A `MemberContext` (run, member, worker, step) once an executor trains it;
+            None before.
 
     Args:
         hparams: This member's hyperparameters.
         seed: A seed distinct for each member, fixed by the experiment's seed.
     """
+
+    context: MemberContext | None = None
 
     def __init__(self, hparams: Mapping[str, Any], seed: int) -> None:
         self.hparams = dict(hparams)
@@ -44,6 +70,13 @@ class Trainable:
     def set_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Applies new hyperparameters; called after any `load_state_dict`."""
         self.hparams = dict(hparams)
+
+    def close(self) -> None:
+        """Releases what the member holds (GPU memory, open files) when it leaves a worker.
+
+        A worker keeps a few members live (`poptune.RunOptions.cache_size`) and closes the
+        others; a closed trainable is never used again. Does nothing by default.
+        """
 
 
 class FunctionTrainable(Trainable, Generic[S]):

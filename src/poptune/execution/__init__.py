@@ -5,14 +5,34 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from poptune.execution.session import ConfigMismatch, RunFailed, RunOptions, load_result
+from poptune.execution.session import (
+    ConfigMismatch,
+    RunFailed,
+    RunInterrupted,
+    RunOptions,
+    load_result,
+)
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
     from poptune.result import Result
     from poptune.storage.base import Storage
 
-__all__ = ["ConfigMismatch", "RunFailed", "RunOptions", "default_checkpoint_root", "execute"]
+__all__ = [
+    "ConfigMismatch",
+    "RunFailed",
+    "RunInterrupted",
+    "RunOptions",
+    "default_checkpoint_root",
+    "execute",
+]
+
+_MAIN_GUARD = (
+    "run() was called while a worker process was starting: the script that starts the run "
+    "is imported again by every worker process, so its top-level run() call runs again "
+    'there. Put it under `if __name__ == "__main__":`, or start the run with '
+    "`poptune run FILE.py`."
+)
 
 EXECUTORS = ("serial", "processes")
 
@@ -41,6 +61,12 @@ def execute(
     options: RunOptions | None = None,
 ) -> Result:
     """Runs (or resumes) ``experiment`` as run ``name`` in ``storage``; see `Experiment.run`."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # In a spawned worker re-importing the main script: touching the run here would
+        # start workers of workers and mark the run interrupted.
+        raise RuntimeError(_MAIN_GUARD)
     from poptune.execution.session import prepare_run
     from poptune.storage import open_storage
     from poptune.storage.memory import MemoryCheckpointStore
@@ -94,4 +120,32 @@ def execute(
 
             assert url is not None and root is not None
             run_processes(experiment, store, url, name, root, workers, options, source)
-    return load_result(store, name)
+    final = store.get_run(name)
+    if final is None or final.status != "completed":
+        status = final.status if final is not None else "gone"
+        raise RunInterrupted(
+            f"Run {name!r} did not complete (its status is {status!r}). Everything committed "
+            f"is kept: run it again with the same storage and name to resume it."
+        )
+    result = load_result(store, name)
+    _warn_if_unscored(result)
+    return result
+
+
+class UnscoredRunWarning(RuntimeWarning):
+    """Every score of a run was NaN or infinite: PBT could compare no members."""
+
+
+def _warn_if_unscored(result: Result) -> None:
+    import math
+    import warnings
+
+    if result.history and not any(math.isfinite(h.score) for h in result.history):
+        warnings.warn(
+            UnscoredRunWarning(
+                f"Run {result.name!r}: every score of {result.metric!r} was NaN or infinite, so "
+                "no member could be compared with another: this was random search. Check what "
+                "step() returns."
+            ),
+            stacklevel=3,
+        )

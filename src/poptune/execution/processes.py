@@ -1,24 +1,29 @@
 """The processes executor: N worker processes share one run through its storage.
 
-There is no coordinator in the algorithm: each worker loops on *claim, train, commit*:
+Each worker runs the shared member lifecycle (`poptune.execution.lifecycle`) one member at a
+time: *claim, restore, train to the next ready point, checkpoint, commit*.
 
-1. **Claim**, in an exclusive transaction: the running member with the fewest steps that no
-   live worker holds (ties: lowest id). Its row then names the worker as ``owner``; a member
-   whose owner stopped sending heartbeats (or whose process is gone, on this machine) is
-   claimed again from its last checkpoint. Two workers never hold the same member.
-2. **Train** it, in memory, up to its next ready point (or its last step).
+1. **Claim**, in an exclusive transaction: among the running members no live worker holds, the
+   least advanced; among equals the best-scoring first (`claim_order`), so that the members
+   likely to copy another are judged when most peers have reached their step. A member more
+   than ``max_lag`` steps ahead of the slowest is not claimed. A member whose owner stopped
+   sending heartbeats (or whose process is gone, on this machine) is claimed again from its
+   last checkpoint. Two workers never hold the same member.
+2. **Restore** it (kept live in the worker's bounded cache when nobody else trained it since,
+   else loaded from the checkpoint its row names), then train it to its next ready point.
 3. **Checkpoint** it (written atomically to a unique file), then **commit**, in one
-   transaction: its results, the decision the controller makes at its ready point, the
-   lineage event, the checkpoint reference, and the release of the claim. The commit is
+   transaction: its results, the controller's decisions, the lineage events, the checkpoint
+   references, the release of the claim and the claim of the next member. The commit is
    refused if the worker no longer owns the member (it was presumed dead): its work is then
    dropped, never mixed with the new owner's.
 
-The donor's state a member copies is the donor's checkpoint at its last ready point, the one
-that produced the score it was judged on. A member that copied a donor refers to the donor's
-checkpoint file, which retention therefore keeps.
+A member judged at step ``s`` ranks against each peer's score at ``s`` where the peer has one,
+and never copies a donor behind it (see `poptune.PBT`); a member that copies a donor refers to
+the donor's checkpoint file, which retention therefore keeps.
 
 The parent process only starts the workers, watches them, and restarts one that dies (its
-claims are released at once, without waiting for the heartbeat timeout).
+claims are released at once, without waiting for the heartbeat timeout). Each worker's math
+libraries use its share of the cores (`poptune.RunOptions.threads`).
 """
 
 from __future__ import annotations
@@ -31,40 +36,31 @@ import signal
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from poptune.controller import Decision
-from poptune.execution.common import (
-    apply_decision,
-    build_member,
-    event_from_decision,
-    read_metrics,
+from poptune.execution.lifecycle import (
+    Heartbeat,
+    Lifecycle,
+    TrainableCache,
+    Trained,
+    claim_order,
+    committing,
+    limit_threads,
+    math_threads,
+    next_ready,
 )
 from poptune.execution.session import (
     RunFailed,
+    RunInterrupted,
     RunOptions,
     controller_from,
-    member_rows,
     new_worker_id,
     now,
     owner_alive,
     release_held,
-    released,
-    retention,
-    write_population,
 )
-from poptune.storage.base import (
-    FailureRow,
-    MemberRow,
-    ResultRow,
-    RunInfo,
-    Storage,
-    StorageError,
-    Transaction,
-)
+from poptune.storage.base import MemberRow, Storage, Transaction
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -87,7 +83,7 @@ class WorkerSpec:
     options: RunOptions
     source: str | None = None
     experiment: bytes | None = None
-    failures_before: int = 0
+    failed_before: int = 0
 
 
 def _load(spec: WorkerSpec) -> Experiment:
@@ -101,6 +97,9 @@ def _load(spec: WorkerSpec) -> Experiment:
 
 
 class _Worker:
+    """One worker process: claim, restore, train, checkpoint, commit, in a loop (the member
+    lifecycle of `poptune.execution.lifecycle`, one member at a time)."""
+
     def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
         from poptune.storage import open_storage
         from poptune.storage.checkpoints import CheckpointStore
@@ -110,50 +109,51 @@ class _Worker:
         self.storage: Storage = open_storage(spec.storage_url)
         self.ckpts = CheckpointStore(spec.checkpoint_root)
         self.options = spec.options
-        self.max_failures = self.options.max_failures or 2 * self.exp.population_size
-        # member -> (checkpoint location it was loaded from / last saved, trainable)
-        self.cache: dict[int, tuple[str | None, Trainable]] = {}
-        self.held: int | None = None
-        self._stop = threading.Event()
+        self.life = Lifecycle(
+            self.exp,
+            self.storage,
+            spec.name,
+            self.ckpts,
+            self.options,
+            worker_id,
+            failed_before=spec.failed_before,
+        )
+        self.cache = TrainableCache(self.options.cache_size)
+        self.stopping = threading.Event()
         self._parent = os.getppid()
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        beat = threading.Thread(target=self._heartbeat, daemon=True, name="poptune-heartbeat")
-        beat.start()
         try:
-            claimed: int | None = -1
-            while True:
-                if os.getppid() != self._parent:
-                    break  # the coordinator is gone: stop; `poptune resume` continues the run
-                if claimed is not None and claimed < 0:
-                    claimed = self._claim()
-                if claimed is None:
-                    break
-                if claimed < 0:
-                    time.sleep(self.options.poll_interval)
-                    continue
-                # Committing a member claims the next one in the same transaction.
-                claimed = self._work(claimed)
+            with Heartbeat(self.storage, self.spec.name, self.id, self.options.heartbeat_timeout):
+                claimed: MemberRow | int | None = -1
+                while not self.stopping.is_set():
+                    if os.getppid() != self._parent:
+                        break  # the coordinator is gone: stop; `poptune resume` continues
+                    if claimed == -1:
+                        claimed = self._claim()
+                    if claimed is None:
+                        break
+                    if isinstance(claimed, int):
+                        time.sleep(self.options.poll_interval)
+                        continue
+                    # Committing a member claims the next one in the same transaction.
+                    claimed = self._work(claimed)
         finally:
-            self._stop.set()
             self._release_all()
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.options.heartbeat_timeout / 4):
-            with contextlib.suppress(Exception):  # a missed beat is retried
-                self.storage.heartbeat(self.spec.name, self.id, now())
-
-    def _claim(self) -> int | None:
-        """A claimed member id; -1 when none is free yet; None when the run is over."""
-        with self.storage.transaction(self.spec.name) as tx:
+    def _claim(self) -> MemberRow | int | None:
+        """A claimed member's row; -1 when none is free yet; None when the run is over."""
+        with self._transaction() as tx:
             return self._pick(tx, tx.run().status, tx.members())
 
-    def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> int | None:
-        """Claims, in ``tx``, the free running member with the fewest steps (see `_claim`)."""
-        self.held = None
-        if status in ("completed", "failed", "interrupted"):
+    def _transaction(self) -> contextlib.AbstractContextManager[Transaction]:
+        return committing(self.storage, self.spec.name)
+
+    def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> MemberRow | int | None:
+        """Claims, in ``tx``, the member to train next (`claim_order`), if any is free."""
+        if status in ("completed", "failed", "interrupted") or self.stopping.is_set():
             return None
         alive = [r for r in rows if r.state["status"] in ("running", "waiting")]
         if not alive:
@@ -175,207 +175,111 @@ class _Worker:
         ]
         if not free:
             return -1
-        pick = min(free, key=lambda r: (int(r.state["step"]), r.id))
-        tx.put_members(
-            [
-                MemberRow(
-                    pick.state, self.id, t, pick.checkpoint, pick.checkpoint_step, pick.attempts
-                )
-            ]
-        )
-        self.held = pick.id
-        self._row = pick
-        return pick.id
+        pick = min(free, key=lambda r: claim_order(r, self.exp.mode))
+        mine = replace(pick, owner=self.id, heartbeat=t)
+        tx.put_members([mine])
+        return mine
 
-    def _trainable(self, row: MemberRow, cached: tuple[str | None, Trainable] | None) -> Trainable:
-        """The member's trainable: the one in memory if it is at the stored checkpoint (no other
-        worker trained it since), else rebuilt from that checkpoint."""
-        hparams = row.state["hparams"]
-        if cached is not None and cached[0] == row.checkpoint:
-            trainable = cached[1]
-            if trainable.hparams != hparams:
-                trainable.set_hparams(hparams)
-            return trainable
-        trainable = build_member(self.exp, row.id, hparams)
-        if row.checkpoint is not None:
-            trainable.load_state_dict(self.ckpts.load(row.checkpoint))
-            trainable.set_hparams(hparams)
-        return trainable
-
-    def _target(self, state: Mapping[str, Any]) -> int:
-        """The step at which the member is next judged: its next ready point, or the end."""
-        exp, step = self.exp, int(state["step"])
-        ready = max(int(state["last_ready"]) + exp.interval, exp.burn_in)
-        while ready <= step:
-            ready += exp.interval
-        return min(ready, exp.steps)
-
-    def _work(self, mid: int) -> int | None:
-        """Trains a claimed member to its next ready point and commits; returns what
-        `_claim` would (the next member, already claimed)."""
-        row = self._row
-        cached = self.cache.pop(mid, None)  # dropped for good if anything below fails
+    def _work(self, row: MemberRow) -> MemberRow | int | None:
+        """Trains a claimed member to its next ready point and commits; returns what `_claim`
+        would (the next member, already claimed)."""
+        mid = row.id
+        held = self.cache.take(mid)
+        if held is None:
+            self.cache.make_room()
+        trainable: Trainable | None = None
+        step = int(row.state["step"])
         try:
-            trainable = self._trainable(row, cached)
-            step, target = int(row.state["step"]), self._target(row.state)
-            results: list[ResultRow] = []
+            trainable = self.life.restore(row, held)
+            self.life.context(trainable, mid, step)
+            target = next_ready(row.state, self.exp.interval, self.exp.burn_in, self.exp.steps)
+            segment = row.state.get("segment")
+            results = []
             while step < target:
-                metrics, score = read_metrics(trainable.step(), self.exp.metric)
+                if self.stopping.is_set():
+                    raise _Stopping
                 step += 1
-                results.append(ResultRow(mid, step, score, metrics))
+                results.append(self.life.step(trainable, mid, step, segment))
+            location, size = self.life.save(trainable, mid, step)
+        except _Stopping:
+            if trainable is not None:
+                self.cache.put(mid, None, trainable)  # its state is not at any checkpoint
+                self.cache.drop(mid)
+            return None
         except Exception as exc:
-            self._failed(mid, exc)
+            if trainable is not None and trainable is not (held[1] if held else None):
+                with contextlib.suppress(Exception):
+                    trainable.close()
+            elif held is not None:
+                with contextlib.suppress(Exception):
+                    held[1].close()
+            return self._failed(mid, exc, step)
+        with self._transaction() as tx:
+            stored = {r.id: r for r in tx.members()}
+            if stored[mid].owner != self.id:
+                committed = None  # presumed dead meanwhile: the work is dropped
+            else:
+                info = tx.run()
+                pbt = controller_from(self.exp, info, stored.values())
+                committed = self.life.commit(
+                    tx, pbt, [Trained(mid, step, results, location, size)], stored, keep_owner=False
+                )
+                claimed = self._pick(tx, info.status, committed.rows)
+        if committed is None:
+            with contextlib.suppress(Exception):
+                trainable.close()
             return -1
-        saved = self.ckpts.save(self.spec.name, mid, step, trainable.state_dict())
-        outcome = self._commit(mid, step, results, saved)
-        if outcome is None:
-            return -1  # lost the claim: the work is dropped
-        decision, location, claimed = outcome
-        if decision.action in ("exploit", "explore"):
-            # After an exploit `location` is the donor's checkpoint: load it, then the hparams.
-            state = self.ckpts.load(location) if decision.copies_state else None
-            trainable = apply_decision(self.exp, trainable, decision, state)
-        self.cache[mid] = (location, trainable)
+        for doomed in committed.doomed:
+            self.ckpts.delete(doomed)
+        # Kept at the checkpoint just written: the decision (an exploit names another) takes
+        # effect at the next restore, inside the failure path.
+        self.cache.put(mid, location, trainable)
         return claimed
 
-    def _owned(self, tx: Transaction, mid: int) -> tuple[RunInfo, dict[int, MemberRow]] | None:
-        """The run and its members, if this worker still holds ``mid``; else None (it was
-        presumed dead and the member reclaimed: whatever it did since must be dropped)."""
-        stored = {r.id: r for r in tx.members()}
-        if stored[mid].owner != self.id:
-            self.held = None
-            return None
-        return tx.run(), stored
-
-    def _commit(
-        self, mid: int, step: int, results: list[ResultRow], saved: Any
-    ) -> tuple[Decision, str, int | None] | None:
-        """Records a member's interval and its ready point's decision; returns the decision,
-        the checkpoint its state is in now (the donor's, after an exploit) and the next
-        member claimed (see `_claim`); None if this worker no longer holds the member."""
-        with self.storage.transaction(self.spec.name) as tx:
-            owned = self._owned(tx, mid)
-            if owned is None:
-                return None
-            info, stored = owned
-            pbt = controller_from(self.exp, info, stored.values())
-            for r in results:
-                pbt.report(mid, r.step, r.score)
-            decision = pbt.decide(mid)
-            tx.add_checkpoint(mid, step, saved.location, saved.size)
-            changes: dict[int, dict[str, Any]] = {
-                mid: {
-                    "owner": None,
-                    "heartbeat": None,
-                    "checkpoint": saved.location,
-                    "checkpoint_step": step,
-                    "attempts": 0,
-                }
-            }
-            decisions = [decision]
-            if pbt.synchronous:  # a completed generation decides every member at once
-                # (this member's own decision was already handed over by `decide`)
-                decisions = [decision if k == mid else pbt.poll(k) for k in sorted(pbt.members)]
-            before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
-            before[mid] = (saved.location, step)  # the state this member was judged on
-            events = self._lineage(decisions, before, changes, tx.event_count())
-            final = changes[mid]["checkpoint"]
-            rows = member_rows(pbt, stored, changes)
-            write_population(tx, pbt, rows)
-            tx.add_results(results)
-            tx.add_events(events)
-            doomed = retention(tx, self.options.keep_checkpoints, rows)
-            claimed = self._pick(tx, info.status, rows)
-        for location in doomed:
-            self.ckpts.delete(location)
-        return decision, final, claimed
-
-    @staticmethod
-    def _lineage(
-        decisions: list[Decision],
-        checkpoints: dict[int, tuple[str | None, int | None]],
-        changes: dict[int, dict[str, Any]],
-        first_index: int,
-        kinds: dict[int, str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Events for the decisions that changed members. A member that copies a donor's state
-        now refers to the donor's checkpoint as it was *before* any of these decisions
-        (``checkpoints``: member -> location, step), whatever else they change; that is
-        recorded in ``changes``."""
-        events: list[dict[str, Any]] = []
-        for d in decisions:
-            if d.action not in ("exploit", "explore"):
-                continue
-            if d.copies_state:
-                assert d.donor is not None
-                location, step = checkpoints[d.donor]
-                changes.setdefault(d.member, {}).update(
-                    {"checkpoint": location, "checkpoint_step": step}
-                )
-            kind = (kinds or {}).get(d.member)
-            events.append(event_from_decision(first_index + len(events), d, kind).to_dict())
-        return events
-
-    def _failed(self, mid: int, exc: BaseException) -> None:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        count = len(self.storage.failures(self.spec.name)) - self.spec.failures_before + 1
-        with self.storage.transaction(self.spec.name) as tx:
-            owned = self._owned(tx, mid)
-            if owned is None:
-                return
-            info, stored = owned
-            mine = stored[mid]
-            attempt = mine.attempts + 1
-            step = int(mine.state["step"])
-            tx.add_failure(FailureRow(mid, step, attempt, text, now()))
-            if count > self.max_failures:
-                tx.put_members([released(mine, attempt)])
-                tx.set_status(
-                    "failed",
-                    f"{count} failures in user code (more than max_failures="
-                    f"{self.max_failures}). Last one, member {mid} at step {step}:\n{text}",
-                )
-                self.held = None
-                return
-            if attempt <= self.options.max_retries:
-                tx.put_members([released(mine, attempt)])
-                self.held = None
-                return
-            pbt = controller_from(self.exp, info, stored.values())
-            d = pbt.replace(mid)
-            changes: dict[int, dict[str, Any]] = {
-                mid: {"owner": None, "heartbeat": None, "attempts": attempt}
-            }
-            decisions = [d]
-            if pbt.synchronous:  # the failure may have completed a generation
-                decisions += [pbt.poll(k) for k in sorted(pbt.members) if k != d.member]
-            before = {k: (r.checkpoint, r.checkpoint_step) for k, r in stored.items()}
-            events = self._lineage(
-                decisions, before, changes, tx.event_count(), {d.member: "replace"}
-            )
-            write_population(tx, pbt, member_rows(pbt, stored, changes))
-            tx.add_events(events)
-        self.held = None
+    def _failed(self, mid: int, exc: BaseException, step: int) -> int:
+        with self._transaction() as tx:
+            stored = {r.id: r for r in tx.members()}
+            if stored[mid].owner != self.id:
+                return -1
+            pbt = controller_from(self.exp, tx.run(), stored.values())
+            self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
+        return -1
 
     def _release_all(self) -> None:
+        self.cache.clear()
         try:
-            with self.storage.transaction(self.spec.name) as tx:
+            with self._transaction() as tx:
                 release_held(tx, self.id.__eq__)
         except Exception:
             pass
         self.storage.close()
 
 
-def worker_main(spec: WorkerSpec, tag: str) -> None:
-    """Entry point of a worker process. Its id is ``host:pid:random-tag``, with its own pid."""
+class _Stopping(Exception):
+    """The coordinator asked this worker to stop (SIGTERM): the stretch is dropped."""
+
+
+def worker_main(spec: WorkerSpec, tag: str, threads: int = 1, started: Any = None) -> None:
+    """Entry point of a worker process. Its id is ``host:pid:...-tag``, with its own pid.
+
+    SIGINT is ignored (Ctrl-C in a terminal reaches every process of the group; the
+    coordinator alone handles it); SIGTERM asks the worker to stop between steps, so no
+    exception ever lands inside a storage call.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if started is not None:
+        started.set()
+    limit_threads(threads)
     worker_id = f"{new_worker_id()}-{tag}"
+    worker = _Worker(spec, worker_id)
+    limit_threads(threads)  # again: the experiment's module may have imported torch
 
     def _terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        worker.stopping.set()
 
     signal.signal(signal.SIGTERM, _terminate)
-    with contextlib.suppress(KeyboardInterrupt):
-        _Worker(spec, worker_id).run()
+    with contextlib.suppress(RunFailed):  # recorded in the storage; the coordinator reports it
+        worker.run()
 
 
 def _release_worker(storage: Storage, name: str, pid: int) -> None:
@@ -395,7 +299,16 @@ def run_processes(
     options: RunOptions,
     source: str | None = None,
 ) -> None:
-    """Trains a prepared run with ``workers`` processes until it completes or fails."""
+    """Trains a prepared run with ``workers`` processes until it completes or fails.
+
+    Raises:
+        RunFailed: The failure policy stopped the run.
+        RunInterrupted: The workers stopped before the run completed (they kept dying, or
+            could not start at all: a script that calls ``run()`` at its top level without an
+            ``if __name__ == "__main__":`` guard is run again by every worker it spawns).
+        KeyboardInterrupt: Ctrl-C, after the workers stopped and the run was marked
+            interrupted.
+    """
     payload = None
     if source is None:
         try:
@@ -406,50 +319,63 @@ def run_processes(
                 f"be pickled ({e}). Define the trainable (and any explore function) at module "
                 "level, or start the run with `poptune run FILE.py`."
             ) from None
-    before = len(storage.failures(name))
-    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload, before)
+    failed = sum(1 for r in storage.members(name) if r.state["status"] == "failed")
+    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload, failed)
+    threads = math_threads(workers, options.threads)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
-    procs: dict[int, Any] = {}
+    procs: dict[int, tuple[Any, Any]] = {}
     restarts, max_restarts = 0, max(4, 2 * workers)
-    started = 0
+    count, never_started = 0, 0
 
     def start() -> None:
-        nonlocal started
-        started += 1
-        tag = f"w{started}"
-        p = ctx.Process(target=worker_main, args=(spec, tag), name=f"poptune-{tag}", daemon=False)
+        nonlocal count
+        count += 1
+        tag = f"w{count}"
+        started = ctx.Event()
+        p = ctx.Process(
+            target=worker_main,
+            args=(spec, tag, threads, started),
+            name=f"poptune-{tag}",
+            daemon=False,
+        )
         p.start()
         assert p.pid is not None
-        procs[p.pid] = p
+        procs[p.pid] = (p, started)
 
     try:
         for _ in range(workers):
             start()
         while procs:
-            for pid, p in list(procs.items()):
+            for pid, (p, started) in list(procs.items()):
                 p.join(timeout=0.1)
                 if p.exitcode is None:
                     continue
                 del procs[pid]
-                if p.exitcode != 0:
-                    # A worker died (killed, out of memory...): free its member at once.
-                    _release_worker(storage, name, pid)
-                    info = storage.get_run(name)
-                    if info is not None and info.status == "running" and restarts < max_restarts:
-                        restarts += 1
-                        start()
-    except BaseException:
-        for p in procs.values():
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs.values():
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        for pid in procs:
-            _release_worker(storage, name, pid)
-        storage.update_run(name, status="interrupted")
+                if p.exitcode == 0:
+                    continue
+                # A worker died (killed, out of memory...): free its member at once.
+                _release_worker(storage, name, pid)
+                if not started.is_set():
+                    never_started += 1
+                    if never_started >= workers:
+                        _stop_workers(procs)
+                        storage.update_run(name, status="interrupted")
+                        raise RunInterrupted(_NO_START.format(name=name))
+                info = storage.get_run(name)
+                if info is not None and info.status == "running" and restarts < max_restarts:
+                    restarts += 1
+                    start()
+    except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the clean-up short: the run would stay "running".
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _stop_workers(procs)
+            for pid in procs:
+                _release_worker(storage, name, pid)
+            storage.update_run(name, status="interrupted")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         raise
     info = storage.get_run(name)
     if info is not None and info.status == "failed":
@@ -460,7 +386,29 @@ def run_processes(
             storage.update_run(name, status="completed")
         else:
             storage.update_run(name, status="interrupted")
-            raise StorageError(
+            raise RunInterrupted(
                 f"Run {name!r}: every worker stopped before the run completed (more than "
                 f"{max_restarts} died). Resume it with `poptune resume {name}`."
             )
+
+
+_NO_START = (
+    "Run {name!r}: worker processes could not start (each exited before it began). The usual "
+    "cause: a script that calls run() at its top level is imported again by every worker "
+    'process it starts. Put the call under `if __name__ == "__main__":`, or start the run '
+    "with `poptune run FILE.py`. The run is kept; resume it afterwards."
+)
+
+
+def _stop_workers(procs: dict[int, tuple[Any, Any]]) -> None:
+    """Asks every worker to stop between steps (SIGTERM), then kills those that do not."""
+    for p, _ in procs.values():
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p, _ in procs.values():
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)

@@ -1,35 +1,34 @@
-"""The serial executor: the whole population in one process, stepped in lockstep.
+"""The serial executor: the whole population in this process, stepped in lockstep.
 
-Every tick, each running member trains one step and reports its score; then each member that
-reached a ready point is judged, in id order, against the others' scores *at this same step*,
-and an exploiting member copies its donor's state as it is now. Copying a donor's state from
-its previous ready point instead (``interval`` steps stale) measurably ruins PBT on the paper's
-toy problem (see ``examples/toy_quadratic.py``).
+It runs the shared member lifecycle (`poptune.execution.lifecycle`) for every member at once:
+each tick, every running member trains one step; when members reach their ready point (all
+together, since ready clocks are aligned), each is checkpointed and one transaction commits the
+tick: results, the decisions of every member judged (in id order, each against the others'
+scores *at this same step*), lineage events and checkpoint references. A member told to copy a
+donor loads the donor's checkpoint of this very step at its next restore: copying a donor's
+state from its previous ready point instead (``interval`` steps stale) measurably ruins PBT on
+the paper's toy problem (see ``examples/toy_quadratic.py``).
 
-After each tick in which any member was judged, every member that changed is checkpointed and
-the tick is committed to the storage in one transaction: results, decisions, lineage events and
-checkpoint references together. A run killed at any point resumes from its last committed tick
-and, the trainables being deterministic, produces exactly the history it would have without the
-interruption. `Experiment.run()` without a storage uses this same executor on an in-memory
-storage.
+A run killed at any point resumes from its last committed tick and, the trainables being
+deterministic, produces exactly the history it would have without the interruption.
+`Experiment.run()` without a storage uses this same executor on an in-memory storage. Unlike a
+worker process, it keeps every running member's trainable live: lockstep needs them all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import threading
-import traceback
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from poptune.controller import PBT, Decision
-from poptune.execution.common import (
-    apply_decision,
-    build_member,
-    event_from_decision,
-    read_metrics,
+from poptune.controller import PBT
+from poptune.execution.lifecycle import (
+    Committed,
+    Heartbeat,
+    Lifecycle,
+    Trained,
+    committing,
+    deferred_interrupts,
 )
 from poptune.execution.session import (
     CheckpointBackend,
@@ -41,142 +40,18 @@ from poptune.execution.session import (
     now,
     owner_alive,
     release_held,
-    retention,
-    write_population,
 )
-from poptune.result import Event, HistoryRecord
-from poptune.storage.base import FailureRow, MemberRow, ResultRow, Storage, StorageError
+from poptune.storage.base import MemberRow, ResultRow, Storage, StorageError
 from poptune.trainable import Trainable
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
 
-__all__ = ["Lockstep", "run_serial"]
-
-FailureHandler = Callable[[int, BaseException], None]
-
-
-class Lockstep:
-    """Steps a population in lockstep and applies decisions.
-
-    Args:
-        experiment: The configuration.
-        controller: The decision logic, possibly restored from a snapshot.
-        trainables: Each running member's trainable, by id.
-        on_tick: Called after each tick in which a member was judged or finished, with the
-            tick's history records and events.
-        on_failure: Called when a member's ``step()`` raises; it must repair the member
-            (restore it, or fail and replace it) or raise. None: exceptions propagate.
-        first_event_index: Index of the next lineage event.
-    """
-
-    def __init__(
-        self,
-        experiment: Experiment,
-        controller: PBT,
-        trainables: dict[int, Trainable],
-        *,
-        on_tick: Callable[[list[HistoryRecord], list[Event]], None] | None = None,
-        on_failure: FailureHandler | None = None,
-        first_event_index: int = 0,
-    ) -> None:
-        self.experiment = experiment
-        self.controller = controller
-        self.trainables = trainables
-        self.on_tick = on_tick
-        self.on_failure = on_failure
-        self.next_event = first_event_index
-        self.pending_history: list[HistoryRecord] = []
-        self.pending_events: list[Event] = []
-
-    def run(self) -> None:
-        exp, pbt = self.experiment, self.controller
-        metric, steps = exp.metric, exp.steps
-        while True:
-            active = [m for m in pbt.members.values() if m.status == "running"]
-            if not active:
-                break
-            for m in active:
-                while True:
-                    try:
-                        raw = self.trainables[m.id].step()
-                        metrics, score = read_metrics(raw, metric)
-                        break
-                    except Exception as exc:
-                        if self.on_failure is None:
-                            raise
-                        self.on_failure(m.id, exc)
-                        if m.status != "running":
-                            break
-                if m.status != "running":
-                    continue
-                step = m.step + 1
-                pbt.report(m.id, step, score)
-                self.pending_history.append(HistoryRecord(m.id, step, metrics, score))
-            judged = [
-                m.id
-                for m in active
-                if m.status == "running" and (pbt.is_ready(m.id) or m.step >= steps)
-            ]
-            if judged:
-                self._judge(judged)
-            if judged or self.pending_events:
-                self.flush()
-        self.flush()
-
-    def flush(self) -> None:
-        """Hands the tick's records to ``on_tick``."""
-        if not self.pending_history and not self.pending_events:
-            return
-        history, events = self.pending_history, self.pending_events
-        self.pending_history, self.pending_events = [], []
-        if self.on_tick is not None:
-            self.on_tick(history, events)
-
-    def _judge(self, judged: list[int]) -> None:
-        pbt = self.controller
-        if not pbt.synchronous:
-            # Asynchronous: each decision sees the population as the previous ones left it.
-            for mid in judged:
-                d = pbt.decide(mid)
-                if d.action in ("exploit", "explore"):
-                    self.apply(d, self._state_of(d))
-            return
-        decisions: dict[int, Decision] = {}
-        for mid in judged:
-            d = pbt.decide(mid)
-            if d.action != "wait":
-                decisions[mid] = d
-        for mid in judged:
-            if mid not in decisions:
-                decisions[mid] = pbt.poll(mid)
-        # Synchronous: donors' states are taken at the barrier, before anyone changes.
-        states = {mid: self._state_of(d) for mid, d in decisions.items() if d.copies_state}
-        for mid in sorted(decisions):
-            d = decisions[mid]
-            if d.action in ("exploit", "explore"):
-                self.apply(d, states.get(mid))
-
-    def _state_of(self, d: Decision) -> Any:
-        if not d.copies_state:
-            return None
-        assert d.donor is not None
-        return copy.deepcopy(self.trainables[d.donor].state_dict())
-
-    def apply(self, d: Decision, state: Any, kind: str | None = None) -> Event:
-        """Applies a decision to the member's trainable and records its lineage event."""
-        current = self.trainables.get(d.member)
-        if current is None:
-            current = build_member(self.experiment, d.member, d.hparams or {})
-        self.trainables[d.member] = apply_decision(self.experiment, current, d, state)
-        event = event_from_decision(self.next_event, d, kind)
-        self.next_event += 1
-        self.pending_events.append(event)
-        return event
+__all__ = ["run_serial"]
 
 
 class _SerialRun:
-    """Runs one stored run in this process: claims it, restores it, trains it, commits ticks."""
+    """Runs one stored run in this process: claims every member, trains them, commits ticks."""
 
     def __init__(
         self,
@@ -186,16 +61,18 @@ class _SerialRun:
         checkpoints: CheckpointBackend,
         options: RunOptions,
     ) -> None:
-        self.exp, self.storage, self.name = experiment, storage, name
-        self.ckpts, self.options = checkpoints, options
+        self.exp, self.storage, self.name, self.options = experiment, storage, name, options
         self.worker = new_worker_id()
+        self.ckpts = checkpoints
         self.rows: dict[int, MemberRow] = {}
-        self.failures = 0
-        self.max_failures = options.max_failures or 2 * experiment.population_size
-        self._stop_heartbeat = threading.Event()
+        self.live: dict[int, tuple[str | None, Trainable]] = {}
+        self.pending: dict[int, list[ResultRow]] = {}
+        self.target: dict[int, int] = {}
+
+    # -- claiming and releasing ------------------------------------------------------------------
 
     def _claim_all(self) -> PBT:
-        with self.storage.transaction(self.name) as tx:
+        with deferred_interrupts(), self.storage.transaction(self.name) as tx:
             info = tx.run()
             rows = tx.members()
             t = now()
@@ -213,151 +90,176 @@ class _SerialRun:
             claimed = member_rows(pbt, {r.id: r for r in rows}, {r.id: mine for r in rows})
             tx.put_members(claimed)
             tx.set_status("running")
-            self.rows = {r.id: r for r in claimed}
-            self.first_event = tx.event_count()
-        return pbt
-
-    def _restore(self, pbt: PBT) -> dict[int, Trainable]:
-        trainables: dict[int, Trainable] = {}
-        for mid, m in pbt.members.items():
-            if m.status in ("running", "waiting"):
-                trainables[mid] = self._rebuild(mid, m.hparams)
-        return trainables
-
-    def _rebuild(self, mid: int, hparams: Any) -> Trainable:
-        """A member's trainable as of its last committed checkpoint (fresh if it has none)."""
-        trainable = build_member(self.exp, mid, hparams)
-        row = self.rows.get(mid)
-        if row is not None and row.checkpoint is not None:
-            trainable.load_state_dict(self.ckpts.load(row.checkpoint))
-            trainable.set_hparams(hparams)
-        return trainable
-
-    def _heartbeat(self) -> None:
-        interval = self.options.heartbeat_timeout / 4
-        while not self._stop_heartbeat.wait(interval):
-            with contextlib.suppress(Exception):  # a missed beat is retried
-                self.storage.heartbeat(self.name, self.worker, now())
-
-    def run(self) -> None:
-        pbt = self._claim_all()
-        loop = Lockstep(
+        self.rows = {r.id: r for r in claimed}
+        failed = sum(1 for r in claimed if r.state["status"] == "failed")
+        self.life = Lifecycle(
             self.exp,
-            pbt,
-            self._restore(pbt),
-            on_tick=self._commit,
-            on_failure=self._on_failure,
-            first_event_index=self.first_event,
+            self.storage,
+            self.name,
+            self.ckpts,
+            self.options,
+            self.worker,
+            failed_before=failed,
         )
-        self.loop = loop
-        beat = None
-        if not self.storage.display_url.startswith("memory://"):
-            beat = threading.Thread(target=self._heartbeat, name="poptune-heartbeat", daemon=True)
-            beat.start()
-        try:
-            loop.run()
-        except BaseException as exc:
-            self._release("failed" if isinstance(exc, RunFailed) else "interrupted", exc)
-            raise
-        finally:
-            self._stop_heartbeat.set()
-            if beat is not None:
-                beat.join(timeout=5)
-        self._release("completed", None)
+        return pbt
 
     def _release(self, status: str, exc: BaseException | None) -> None:
         error = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc)
         try:
-            with self.storage.transaction(self.name) as tx:
+            with deferred_interrupts(), self.storage.transaction(self.name) as tx:
                 release_held(tx, self.worker.__eq__)
-                tx.set_status(status, error)
+                if tx.run().status != "failed":  # a failure recorded by the policy stays
+                    tx.set_status(status, error)
         except Exception:
             if exc is None:
                 raise
+        for _, trainable in self.live.values():
+            with contextlib.suppress(Exception):
+                trainable.close()
+        self.live.clear()
 
-    # -- committing ticks ------------------------------------------------------------------------
-
-    def _commit(self, history: list[HistoryRecord], events: list[Event]) -> None:
-        pbt, loop = self.loop.controller, self.loop
-        saved: dict[int, Any] = {}
-        changed = {h.member for h in history} | {e.member for e in events}
-        for mid in sorted(changed):
-            m = pbt.members[mid]
-            if m.status == "failed" or mid not in loop.trainables:
-                continue
-            saved[mid] = self.ckpts.save(self.name, mid, m.step, loop.trainables[mid].state_dict())
-        doomed: list[str] = []
-        with self.storage.transaction(self.name) as tx:
-            stored = {r.id: r for r in tx.members()}
-            for mid, r in stored.items():
-                if r.owner not in (None, self.worker):
-                    raise StorageError(
-                        f"Member {mid} of run {self.name!r} was claimed by another worker "
-                        f"({r.owner}): two processes are training this run."
-                    )
-            changes: dict[int, dict[str, Any]] = {}
-            for mid, info in saved.items():
-                tx.add_checkpoint(mid, pbt.members[mid].step, info.location, info.size)
-                changes[mid] = {
-                    "checkpoint": info.location,
-                    "checkpoint_step": pbt.members[mid].step,
-                    "attempts": 0,
-                    "owner": self.worker,
-                    "heartbeat": now(),
-                }
-            rows = member_rows(pbt, self.rows, changes)
-            write_population(tx, pbt, rows)
-            tx.add_results([ResultRow(h.member, h.step, h.score, h.metrics) for h in history])
-            tx.add_events([e.to_dict() for e in events])
-            doomed = retention(tx, self.options.keep_checkpoints, rows)
-            self.rows = {r.id: r for r in rows}
-        for location in doomed:
-            self.ckpts.delete(location)
-
-    # -- failures --------------------------------------------------------------------------------
-
-    def _on_failure(self, mid: int, exc: BaseException) -> None:
-        pbt, loop = self.loop.controller, self.loop
-        m = pbt.members[mid]
-        row = self.rows[mid]
-        attempt = row.attempts + 1
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.failures += 1
-        with self.storage.transaction(self.name) as tx:
-            tx.add_failure(FailureRow(mid, m.step, attempt, text, now()))
-        self.rows[mid] = replace(row, attempts=attempt)
-        if self.failures > self.max_failures:
-            raise RunFailed(
-                f"Run {self.name!r} stopped: {self.failures} failures in user code (more than "
-                f"max_failures={self.max_failures}). Last one, member {mid} at step {m.step}:\n"
-                f"{text}"
-            ) from exc
-        if attempt <= self.options.max_retries:
-            self._retry(mid)
-            return
-        # Out of retries: the member fails and a copy of a top member takes its place.
-        loop.trainables.pop(mid, None)
-        d = pbt.replace(mid)
-        state = self.loop._state_of(d) if d.copies_state else None
-        loop.apply(d, state, kind="replace")
-
-    def _retry(self, mid: int) -> None:
-        """Restores the member from its last checkpoint and replays it up to its step.
-
-        A failure during the replay counts as another attempt (and so, in the end, fails and
-        replaces the member like any other).
-        """
-        m = self.loop.controller.members[mid]
-        row = self.rows.get(mid)
-        start = row.checkpoint_step if row is not None and row.checkpoint_step is not None else 0
+    def run(self) -> None:
+        self.pbt = self._claim_all()
+        beat = (
+            contextlib.nullcontext()
+            if self.storage.display_url.startswith("memory://")
+            else Heartbeat(self.storage, self.name, self.worker, self.options.heartbeat_timeout)
+        )
         try:
-            trainable = self._rebuild(mid, m.hparams)
-            for _ in range(max(0, m.step - start)):
-                trainable.step()
-        except Exception as exc:
-            self._on_failure(mid, exc)
+            with beat:
+                self._loop()
+        except BaseException as exc:
+            self._release("failed" if isinstance(exc, RunFailed) else "interrupted", exc)
+            raise
+        self._release("completed", None)
+
+    # -- the lockstep loop -----------------------------------------------------------------------
+
+    def _running(self) -> list[int]:
+        return [mid for mid, m in self.pbt.members.items() if m.status == "running"]
+
+    def _step_of(self, mid: int) -> int:
+        return self.pbt.members[mid].step + len(self.pending.get(mid, ()))
+
+    def _loop(self) -> None:
+        for mid in self._running():
+            self.target[mid] = self.pbt.next_ready(mid)
+        while True:
+            running = self._running()
+            if not running:
+                break
+            for mid in running:
+                if self._step_of(mid) < self.target[mid]:
+                    self._advance(mid)
+            due = [
+                mid
+                for mid in self._running()
+                if mid in self.target and self._step_of(mid) >= self.target[mid]
+            ]
+            if due:
+                self._commit(due)
+
+    def _trainable(self, mid: int) -> Trainable:
+        """The member's live trainable at its current step; restored (and the steps trained
+        since its checkpoint replayed, after a retry) when it has none. User code."""
+        held = self.live.get(mid)
+        row = self.rows[mid]
+        if (
+            held is not None
+            and held[0] == row.checkpoint
+            and held[1].hparams == row.state["hparams"]
+        ):
+            return held[1]
+        self.live.pop(mid, None)
+        trainable = self.life.restore(row, held)
+        self.live[mid] = (row.checkpoint, trainable)
+        start = self.pbt.members[mid].step
+        self.life.context(trainable, mid, start)
+        for _ in self.pending.get(mid, ()):  # a retry: replay what was trained since
+            trainable.step()
+        return trainable
+
+    def _advance(self, mid: int) -> None:
+        """Trains the member one step; a failure takes the failure path until it succeeds or
+        the member is replaced."""
+        while self.pbt.members[mid].status == "running":
+            try:
+                trainable = self._trainable(mid)
+                step = self._step_of(mid) + 1
+                row = self.life.step(trainable, mid, step, self.pbt.members[mid].segment)
+            except Exception as exc:
+                self._failed(mid, exc)
+                continue
+            self.pending.setdefault(mid, []).append(row)
             return
-        self.loop.trainables[mid] = trainable
+
+    def _save(self, mid: int) -> Trained | None:
+        """Checkpoints a member (user code: ``state_dict``); None if it was replaced."""
+        while self.pbt.members[mid].status == "running":
+            try:
+                trainable = self._trainable(mid)
+                step = self._step_of(mid)
+                location, size = self.life.save(trainable, mid, step)
+            except Exception as exc:
+                self._failed(mid, exc)
+                continue
+            self.live[mid] = (location, trainable)
+            return Trained(mid, step, self.pending.pop(mid, []), location, size)
+        return None
+
+    def _commit(self, due: list[int]) -> None:
+        trained = []
+        for mid in sorted(set(due) | {m for m, r in self.pending.items() if r}):
+            t = self._save(mid)
+            if t is not None:
+                trained.append(t)
+        with committing(self.storage, self.name) as tx:
+            stored = {r.id: r for r in tx.members()}
+            committed = self.life.commit(tx, self.pbt, trained, stored, keep_owner=True)
+        self._after(committed)
+
+    def _failed(self, mid: int, exc: BaseException) -> None:
+        with committing(self.storage, self.name) as tx:
+            stored = {r.id: r for r in tx.members()}
+            outcome, committed = self.life.record_failure(
+                tx,
+                self.pbt,
+                mid,
+                exc,
+                stored,
+                keep_owner=True,
+                results=self.pending.get(mid, []),
+                step=self._step_of(mid),
+            )
+        held = self.live.pop(mid, None)
+        if held is not None:
+            with contextlib.suppress(Exception):
+                held[1].close()
+        if outcome == "retry":
+            # Restored from its checkpoint at the next `_trainable`, which replays the steps
+            # trained since (their results, already reported, are kept).
+            self.rows[mid] = replace(self.rows[mid], attempts=self.rows[mid].attempts + 1)
+            return
+        assert committed is not None
+        self.pending.pop(mid, None)
+        self._after(committed)
+
+    def _after(self, committed: Committed) -> None:
+        """Takes in what a commit decided: rows, ready targets, closed members, retention."""
+        self.rows = {r.id: r for r in committed.rows}
+        for location in committed.doomed:
+            self.ckpts.delete(location)
+        for mid, m in self.pbt.members.items():
+            if m.status == "running":
+                if not self.pending.get(mid):
+                    self.target[mid] = self.pbt.next_ready(mid)
+            else:
+                self.target.pop(mid, None)
+                self.pending.pop(mid, None)
+                held = self.live.pop(mid, None)
+                if held is not None:
+                    with contextlib.suppress(Exception):
+                        held[1].close()
 
 
 def run_serial(

@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointBackend",
     "ConfigMismatch",
     "RunFailed",
+    "RunInterrupted",
     "RunOptions",
     "controller_from",
     "fingerprint",
@@ -46,7 +47,13 @@ class ConfigMismatch(StorageError):
 
 
 class RunFailed(RuntimeError):
-    """Too many failures in user code: the run was stopped. The message holds the traceback."""
+    """The run was stopped by a failure in user code: too many members failed for good, or a
+    configuration error no retry can fix. The message holds the traceback."""
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped before it completed (its workers stopped, or another process marked it
+    interrupted); everything committed is kept: resume it. The message says how."""
 
 
 class CheckpointBackend(Protocol):
@@ -83,6 +90,12 @@ class RunOptions:
     heartbeat_timeout: float = 30.0
     poll_interval: float = 0.05
     max_lag: int | None = None
+    cache_size: int = 3
+    threads: int | None = None
+
+    def failure_budget(self, population_size: int) -> int:
+        """Members that may fail for good before the run stops."""
+        return population_size if self.max_failures is None else self.max_failures
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:

@@ -106,6 +106,7 @@ class ResultRow:
     step: int
     score: float
     metrics: Mapping[str, float]
+    segment: int | None = None
 
 
 @dataclass(frozen=True)

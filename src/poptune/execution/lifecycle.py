@@ -1,0 +1,597 @@
+"""The member lifecycle: what every executor does with a member, in one place.
+
+Every executor runs the same stages for a member; they differ only in where the stages run
+(the serial executor interleaves the whole population in lockstep in this process; the
+processes executor runs one member at a time in each worker process):
+
+1. **claim**: the worker becomes the member's owner in the storage (`claim_order` says which
+   member a free worker takes);
+2. **restore**: the member's trainable, at its stored checkpoint (its own, or the donor's it was
+   told to copy), rebuilt only when it must be (`Lifecycle.restore`);
+3. **set_hparams**: after every load, so framework state never brings back old values;
+4. **train** up to the next ready point (`next_ready`, the one readiness rule);
+5. **checkpoint** the state reached (`Lifecycle.save`);
+6. **commit**, in one transaction and only while still the owner: the results, the controller's
+   decisions at the ready point (every one, synchronous generations included), the lineage
+   events, the checkpoint references, retention (`Lifecycle.commit`);
+7. the **decision** takes effect at the member's next restore, which loads what its row names.
+
+An exception raised by user code in stages 2 to 5 (``load_state_dict``, ``set_hparams``,
+``step``, ``state_dict``) takes one path, `Lifecycle.record_failure`: retried from the last
+checkpoint up to ``max_retries`` times, then the member fails for good and a copy of a top
+member replaces it; more than ``max_failures`` members failing for good stops the run. A
+configuration error (a metric ``step()`` never returns) stops the run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import traceback
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from poptune.controller import PBT, Decision, member_seed
+from poptune.execution.session import (
+    CheckpointBackend,
+    RunFailed,
+    RunOptions,
+    member_rows,
+    now,
+    retention,
+    write_population,
+)
+from poptune.result import Event
+from poptune.storage.base import (
+    FailureRow,
+    MemberRow,
+    ResultRow,
+    Storage,
+    StorageError,
+    Transaction,
+)
+from poptune.trainable import MemberContext, Trainable
+
+if TYPE_CHECKING:
+    from poptune.experiment import Experiment
+
+__all__ = [
+    "ConfigurationError",
+    "Lifecycle",
+    "MetricMissing",
+    "TrainableCache",
+    "Trained",
+    "claim_order",
+    "deferred_interrupts",
+    "next_ready",
+]
+
+
+class ConfigurationError(ValueError):
+    """User code is configured wrongly for this experiment: retrying cannot help."""
+
+
+class MetricMissing(ConfigurationError):
+    """``step()`` did not return the experiment's metric."""
+
+
+class LeaseLost(StorageError):
+    """This worker no longer holds the member (presumed dead): its work must be dropped."""
+
+
+# -- pure rules ----------------------------------------------------------------------------------
+
+
+def next_ready(state: Mapping[str, Any], interval: int, burn_in: int, steps: int) -> int:
+    """The step a member trains to before it is judged: its next ready point, or ``steps``.
+
+    The same rule as `PBT.next_ready`, on a stored member state (workers need it before they
+    have rebuilt a controller).
+    """
+    step = int(state["step"])
+    ready = max(int(state["last_ready"]) + interval, burn_in, step)
+    return min(ready, max(steps, step))
+
+
+def claim_order(row: MemberRow, mode: str) -> tuple[float, float, int]:
+    """Sort key of the members a free worker may claim: the least advanced first; among equals
+    the best-scoring first, so that the members most likely to copy another are judged when
+    most of their peers have reached the same step (a member never copies a donor behind it).
+    """
+    score = row.state.get("score")
+    value = -math.inf if score is None or not math.isfinite(float(score)) else float(score)
+    return (int(row.state["step"]), -value if mode == "max" else value, row.id)
+
+
+def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:
+    """Turns what ``step()`` returned into a metrics dict and the score.
+
+    Raises:
+        MetricMissing: A dict without the experiment's metric (a NaN *value* is a score; a
+            missing key is a configuration error that would silently turn PBT into random
+            search).
+        TypeError: Not a number or a dict of numbers.
+    """
+    if isinstance(raw, Mapping):
+        metrics = {str(k): float(v) for k, v in raw.items()}
+        score = metrics.get(metric)
+        if score is None:
+            raise MetricMissing(
+                f"step() must return the experiment's metric {metric!r}, but returned the keys "
+                f"{sorted(metrics)}. Set metric= to one of them, or return {metric!r}."
+            )
+        return metrics, score
+    try:
+        score = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"step() must return a number or a dict of numbers, but returned {raw!r}."
+        ) from None
+    return {metric: score}, score
+
+
+def build_member(experiment: Experiment, member: int, hparams: Mapping[str, Any]) -> Trainable:
+    """Constructs a member's trainable from its hyperparameters and its own seed."""
+    trainable = experiment.trainable(dict(hparams), member_seed(experiment.seed, member))
+    if not isinstance(trainable, Trainable):
+        raise ConfigurationError(
+            f"`trainable` must build a pt.Trainable, but {experiment.trainable!r} returned "
+            f"{type(trainable).__name__}."
+        )
+    return trainable
+
+
+# -- interrupts ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back until the block ends, then raises KeyboardInterrupt.
+
+    Storage commits run inside: an interrupt never lands in the middle of a database call
+    (which printed driver tracebacks and could leave a run marked running). Only the main
+    thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# -- live trainables -----------------------------------------------------------------------------
+
+
+class TrainableCache:
+    """The live trainables a worker keeps: at most ``size``, the least recently used closed first.
+
+    Each entry remembers the checkpoint its trainable's state is at, so a member claimed again
+    by the same worker continues in memory when nobody else trained it since.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[int, tuple[str | None, Trainable]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, member: object) -> bool:
+        return member in self._entries
+
+    def take(self, member: int) -> tuple[str | None, Trainable] | None:
+        """Removes and returns the member's entry (its trainable stays open)."""
+        return self._entries.pop(member, None)
+
+    def put(self, member: int, location: str | None, trainable: Trainable) -> None:
+        """Keeps a trainable at ``location``; closes the least recently used beyond ``size``."""
+        old = self._entries.pop(member, None)
+        if old is not None and old[1] is not trainable:
+            _close(old[1])
+        self._entries[member] = (location, trainable)
+        while len(self._entries) > self.size:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            _close(evicted)
+
+    def make_room(self) -> None:
+        """Closes entries so that one more trainable (the one being trained) fits."""
+        while self._entries and len(self._entries) >= self.size:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            _close(evicted)
+
+    def drop(self, member: int) -> None:
+        entry = self._entries.pop(member, None)
+        if entry is not None:
+            _close(entry[1])
+
+    def clear(self) -> None:
+        while self._entries:
+            _, (_, t) = self._entries.popitem()
+            _close(t)
+
+
+def _close(trainable: Trainable) -> None:
+    with contextlib.suppress(Exception):  # a failing close() must not take a worker down
+        trainable.close()
+
+
+# -- the lifecycle -------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A stretch a member trained: its results and the checkpoint of the state it reached."""
+
+    member: int
+    step: int
+    results: list[ResultRow]
+    location: str
+    size: int
+
+
+@dataclass
+class Committed:
+    """What a commit decided."""
+
+    decisions: list[Decision]
+    rows: list[MemberRow]
+    doomed: list[str] = field(default_factory=list)
+
+
+class Lifecycle:
+    """One worker's side of the member lifecycle (see the module docstring).
+
+    Args:
+        experiment: The configuration.
+        storage: The run's storage.
+        name: The run's name.
+        checkpoints: Where checkpoint files go.
+        options: Retries, failure budget, retention, heartbeats.
+        worker: This worker's id (the owner it writes into member rows).
+        failed_before: Members already failed for good when this execution started (the
+            failure budget counts those failing during this execution).
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        storage: Storage,
+        name: str,
+        checkpoints: CheckpointBackend,
+        options: RunOptions,
+        worker: str,
+        *,
+        failed_before: int = 0,
+    ) -> None:
+        self.exp, self.storage, self.name = experiment, storage, name
+        self.ckpts, self.options, self.worker = checkpoints, options, worker
+        self.failed_before = failed_before
+        self.budget = options.failure_budget(experiment.population_size)
+        self._immutable = [k for k, p in experiment.space.items() if not p.mutable]
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        row: MemberRow,
+        held: tuple[str | None, Trainable] | None,
+    ) -> Trainable:
+        """The member's trainable at its stored checkpoint with its stored hyperparameters.
+
+        ``held`` is a live trainable of this member and the checkpoint its state is at: reused
+        when it is at the stored checkpoint, loaded into when it is not (an exploit), rebuilt
+        when a ``mutable=False`` hyperparameter differs. `Trainable.set_hparams` is called
+        after every load. Exceptions come from user code (the caller's failure path).
+        """
+        hparams = row.state["hparams"]
+        location = row.checkpoint
+        if held is not None:
+            at, trainable = held
+            if not any(trainable.hparams.get(k) != hparams[k] for k in self._immutable):
+                if at == location:
+                    if trainable.hparams != hparams:
+                        trainable.set_hparams(hparams)
+                    return trainable
+                if location is not None:
+                    trainable.load_state_dict(self.ckpts.load(location))
+                    trainable.set_hparams(hparams)
+                    return trainable
+            _close(trainable)
+        trainable = build_member(self.exp, row.id, hparams)
+        if location is not None:
+            trainable.load_state_dict(self.ckpts.load(location))
+        trainable.set_hparams(hparams)
+        return trainable
+
+    def context(self, trainable: Trainable, member: int, step: int) -> None:
+        """Tells the trainable who it is (`Trainable.context`) before it trains."""
+        trainable.context = MemberContext(
+            run=self.name, member=member, worker=self.worker, step=step
+        )
+
+    # -- train and checkpoint ------------------------------------------------------------------
+
+    def step(self, trainable: Trainable, member: int, step: int, segment: int | None) -> ResultRow:
+        """Trains one step (from ``step - 1`` to ``step``) and returns its record."""
+        metrics, score = read_metrics(trainable.step(), self.exp.metric)
+        return ResultRow(member, step, score, metrics, segment)
+
+    def save(self, trainable: Trainable, member: int, step: int) -> tuple[str, int]:
+        """Checkpoints the trainable's state (user code: ``state_dict``)."""
+        saved = self.ckpts.save(self.name, member, step, trainable.state_dict())
+        return saved.location, int(saved.size)
+
+    # -- commit --------------------------------------------------------------------------------
+
+    def require_owner(self, stored: Mapping[int, MemberRow], members: Sequence[int]) -> None:
+        """Raises `LeaseLost` unless this worker still holds every one of ``members``."""
+        for mid in members:
+            owner = stored[mid].owner
+            if owner != self.worker:
+                raise LeaseLost(
+                    f"Member {mid} of run {self.name!r} is held by {owner or 'nobody'}, not by "
+                    f"this worker ({self.worker}): it was presumed dead and its work is dropped."
+                )
+
+    def commit(
+        self,
+        tx: Transaction,
+        pbt: PBT,
+        trained: Sequence[Trained],
+        stored: Mapping[int, MemberRow],
+        *,
+        keep_owner: bool,
+    ) -> Committed:
+        """Records trained stretches and judges the members at their ready points.
+
+        ``pbt`` is the controller as stored (or, for a worker holding every member, as kept
+        in memory); the results are reported to it here. Members that reached a ready point
+        or their last step are judged in id order; a synchronous generation's decisions for
+        members not in ``trained`` are recorded too. Refused (`LeaseLost`) unless this worker
+        holds every trained member.
+        """
+        self.require_owner(stored, [t.member for t in trained])
+        results: list[ResultRow] = []
+        changes: dict[int, dict[str, Any]] = {}
+        refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
+        t_now = now()
+        for t in trained:
+            for r in t.results:
+                pbt.report(t.member, r.step, r.score)
+            results.extend(t.results)
+            tx.add_checkpoint(t.member, t.step, t.location, t.size)
+            refs[t.member] = (t.location, t.step)
+            changes[t.member] = {
+                "checkpoint": t.location,
+                "checkpoint_step": t.step,
+                "attempts": 0,
+                "owner": self.worker if keep_owner else None,
+                "heartbeat": t_now if keep_owner else None,
+            }
+        batches: list[list[Decision]] = []
+        for t in sorted(trained, key=lambda t: t.member):
+            m = pbt.members[t.member]
+            if m.status != "running" or m.step < next_ready(
+                m.to_dict(), self.exp.interval, self.exp.burn_in, self.exp.steps
+            ):
+                continue
+            d = pbt.decide(t.member)
+            batches.append([d])
+            batches.append(pbt.collect())
+        events = self._lineage(tx, pbt, batches, refs, changes, {})
+        rows = member_rows(pbt, stored, changes)
+        write_population(tx, pbt, rows)
+        tx.add_results(results)
+        tx.add_events(events)
+        doomed = retention(tx, self.options.keep_checkpoints, rows)
+        decisions = [d for batch in batches for d in batch]
+        return Committed(decisions, rows, doomed)
+
+    def _lineage(
+        self,
+        tx: Transaction,
+        pbt: PBT,
+        batches: Sequence[Sequence[Decision]],
+        refs: dict[int, tuple[str | None, int | None]],
+        changes: dict[int, dict[str, Any]],
+        kinds: Mapping[int, str],
+    ) -> list[dict[str, Any]]:
+        """Lineage events for the decisions that changed members, and the checkpoint each such
+        member must be restored from.
+
+        Decisions of one batch (a synchronous generation) were all made against the states at
+        the barrier, so a member copying a donor takes the donor's checkpoint as it was before
+        the batch; later batches see what earlier ones changed. Each changed member's
+        ``segment`` becomes its new event's index.
+        """
+        events: list[dict[str, Any]] = []
+        first = tx.event_count()
+        for batch in batches:
+            before = dict(refs)
+            for d in batch:
+                if d.action not in ("exploit", "explore"):
+                    continue
+                if d.copies_state:
+                    assert d.donor is not None
+                    refs[d.member] = before[d.donor]
+                elif d.donor is None:  # a fresh replacement: no state to load
+                    refs[d.member] = (None, None)
+                location, step = refs.get(d.member, (None, None))
+                changes.setdefault(d.member, {}).update(
+                    {"checkpoint": location, "checkpoint_step": step}
+                )
+                index = first + len(events)
+                pbt.members[d.member].segment = index
+                events.append(_event(index, d, kinds.get(d.member)).to_dict())
+        return events
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def record_failure(
+        self,
+        tx: Transaction,
+        pbt: PBT,
+        member: int,
+        exc: BaseException,
+        stored: Mapping[int, MemberRow],
+        *,
+        keep_owner: bool,
+        results: Sequence[ResultRow] = (),
+        step: int | None = None,
+    ) -> tuple[str, Committed | None]:
+        """The one failure policy. Returns ``("retry", None)`` when the member is to be
+        restored from its last checkpoint and trained again, or ``("replaced", committed)``
+        when it failed for good and a copy of a top member took its place. ``results``: steps
+        the member trained and reported before the failure and not yet committed; kept when it
+        fails for good (a retry replays them). ``step``: the member's step when it failed (by
+        default its stored step).
+
+        Raises:
+            RunFailed: A configuration error, or more members failed for good than
+                ``max_failures`` allows; the run is marked failed in ``tx``.
+        """
+        self.require_owner(stored, [member])
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        row = stored[member]
+        step = int(row.state["step"]) if step is None else step
+        attempt = row.attempts + 1
+        tx.add_failure(FailureRow(member, step, attempt, text, now()))
+        if isinstance(exc, ConfigurationError):
+            self._stop(tx, f"{exc}\n\n{text}")
+        if attempt <= self.options.max_retries:
+            tx.put_members([self._held(row, attempt, keep_owner)])
+            return "retry", None
+        failed = sum(1 for r in stored.values() if r.state["status"] == "failed") + 1
+        if failed - self.failed_before > self.budget:
+            tx.put_members([self._held(row, attempt, keep_owner)])
+            self._stop(
+                tx,
+                f"Run {self.name!r} stopped: {failed - self.failed_before} members failed after "
+                f"{self.options.max_retries} retries each (more than max_failures="
+                f"{self.budget}). Last one, member {member} at step {step}:\n{text}",
+            )
+        tx.add_results(results)
+        pbt.fail(member)
+        batches: list[list[Decision]] = [pbt.collect()]
+        new = pbt.replace(member)
+        batches += [[new], pbt.collect()]
+        changes: dict[int, dict[str, Any]] = {member: {"attempts": attempt}}
+        if not keep_owner:
+            changes[member].update({"owner": None, "heartbeat": None})
+        else:
+            changes[new.member] = {"owner": self.worker, "heartbeat": now()}
+        refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
+        events = self._lineage(tx, pbt, batches, refs, changes, {new.member: "replace"})
+        rows = member_rows(pbt, stored, changes)
+        write_population(tx, pbt, rows)
+        tx.add_events(events)
+        decisions = [d for batch in batches for d in batch]
+        return "replaced", Committed(decisions, rows)
+
+    def _held(self, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
+        """The row after a failed attempt: still this worker's, or released for any worker."""
+        if keep_owner:
+            return replace(row, attempts=attempts, owner=self.worker, heartbeat=now())
+        return replace(row, attempts=attempts, owner=None, heartbeat=None)
+
+    def _stop(self, tx: Transaction, message: str) -> None:
+        tx.set_status("failed", message)
+        raise _Stop(message)
+
+
+class _Stop(RunFailed):
+    """Raised inside a transaction that must still commit (the run is marked failed in it)."""
+
+
+@contextlib.contextmanager
+def committing(storage: Storage, name: str) -> Iterator[Transaction]:
+    """A run transaction that commits even when the failure policy stops the run in it (the
+    run's failed status and the failure record must be kept), with Ctrl-C held back."""
+    stop: _Stop | None = None
+    with deferred_interrupts(), storage.transaction(name) as tx:
+        try:
+            yield tx
+        except _Stop as e:
+            stop = e
+    if stop is not None:
+        raise RunFailed(str(stop)) from None
+
+
+def _event(index: int, d: Decision, kind: str | None) -> Event:
+    return Event(
+        index=index,
+        member=d.member,
+        step=d.step,
+        donor=d.donor,
+        donor_step=d.donor_step,
+        old_hparams=dict(d.old_hparams or {}),
+        new_hparams=dict(d.hparams or {}),
+        operations=dict(d.operations),
+        kind=kind or d.action,
+    )
+
+
+class Heartbeat:
+    """Refreshes the heartbeat of every member a worker holds, from a daemon thread."""
+
+    def __init__(self, storage: Storage, name: str, worker: str, timeout: float) -> None:
+        self.storage, self.name, self.worker = storage, name, worker
+        self.interval = timeout / 4
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="poptune-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed beat is retried
+                self.storage.heartbeat(self.name, self.worker, now())
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def math_threads(workers: int, threads: int | None) -> int:
+    """Threads each worker's math libraries use: ``threads``, else the cores shared out."""
+    if threads is not None:
+        return threads
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+def limit_threads(count: int) -> None:
+    """Sets this process's math-library thread count (torch too, when it is imported)."""
+    import sys
+
+    for var in THREAD_VARIABLES:
+        os.environ[var] = str(count)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.set_num_threads(count)
