@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping

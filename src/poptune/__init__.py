@@ -28,7 +28,7 @@ from poptune.strategies import (
     Truncation,
     TTest,
 )
-from poptune.trainable import FunctionTrainable, Trainable, trainable
+from poptune.trainable import FunctionTrainable, MemberContext, Trainable, trainable
 
 if TYPE_CHECKING:
     from poptune.storage.base import Storage
@@ -67,6 +67,7 @@ __all__ = [
     "FunctionTrainable",
     "HistoryRecord",
     "Int",
+    "MemberContext",
     "MemberRecord",
     "MemberState",
     "Parameter",

@@ -62,13 +62,29 @@ def _hparam_names(result: Result) -> list[str]:
 
 
 def history_rows(result: Result) -> Table:
-    """Header and rows: ``member, step, score``, then one column per metric key (sorted).
+    """Header and rows: ``member, step, segment, score``, one column per metric key (sorted),
+    then one ``hp.NAME`` column per hyperparameter: the values in force at that step.
 
     Rows are in the order the steps were trained; a metric a step did not report is None.
+    ``segment`` is the index of the lineage event that began the stretch of the member's life
+    the step belongs to (empty for its initial stretch), so a plot can draw each stretch.
     """
     keys = sorted({k for r in result.history for k in r.metrics})
-    rows = [[r.member, r.step, r.score, *(r.metrics.get(k) for k in keys)] for r in result.history]
-    return ["member", "step", "score", *keys], rows
+    names = _hparam_names(result)
+    rows = []
+    for r in result.history:
+        hp = result.hparams_at(r)
+        rows.append(
+            [
+                r.member,
+                r.step,
+                r.segment,
+                r.score,
+                *(r.metrics.get(k) for k in keys),
+                *(hp.get(n) for n in names),
+            ]
+        )
+    return ["member", "step", "segment", "score", *keys, *(f"hp.{n}" for n in names)], rows
 
 
 def event_rows(result: Result) -> Table:
@@ -134,7 +150,14 @@ def result_to_json(
         "config": dict(config) if config is not None else None,
         "members": [asdict(m) for m in result.members],
         "history": [
-            {"member": r.member, "step": r.step, "score": r.score, "metrics": dict(r.metrics)}
+            {
+                "member": r.member,
+                "step": r.step,
+                "segment": r.segment,
+                "score": r.score,
+                "metrics": dict(r.metrics),
+                "hparams": dict(result.hparams_at(r)),
+            }
             for r in result.history
         ],
         "events": [ev.to_dict() for ev in result.events],

@@ -46,12 +46,24 @@ class MemberRecord:
 
 @dataclass(frozen=True)
 class HistoryRecord:
-    """One step of one member: the metrics its `step()` returned and the score read from them."""
+    """One step of one member: the metrics its `step()` returned and the score read from them.
+
+    Attributes:
+        member: The member that trained the step.
+        step: The step (the member's step count after it).
+        metrics: What ``step()`` returned.
+        score: The metric that is the score (NaN when non-finite values were returned).
+        segment: Which stretch of the member's life the step belongs to: the index of the
+            lineage event (exploit, explore, replace) that began it, or None for the member's
+            initial stretch. The hyperparameters in force are that event's ``new_hparams``
+            (`Result.hparams_at`).
+    """
 
     member: int
     step: int
     metrics: Mapping[str, float]
     score: float
+    segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,12 @@ class Result:
             return (-s if self.mode == "max" else s, m.id)
 
         return min(pool, key=key)
+
+    def hparams_at(self, record: HistoryRecord) -> Mapping[str, Any]:
+        """The hyperparameters a history record was trained with (from its segment)."""
+        if record.segment is None:
+            return self.initial_hparams[record.member]
+        return self.events[record.segment].new_hparams
 
     def member(self, member_id: int) -> MemberRecord:
         """The final record of one member."""

@@ -21,3 +21,66 @@ def check_complete(result: pt.Result, steps: int, population: int) -> None:
     alive = [m for m in result.members if m.status != "failed"]
     assert len(alive) == population
     assert all(m.status == "finished" and m.step == steps for m in alive), result.members
+
+
+def check_exact(result: pt.Result, synchronous: bool) -> int:
+    """Checks, for a deterministic member (x += a each step, score x), that every recorded
+    score is exactly what the lineage says: after an exploit, the donor's value at donor_step
+    plus the new a; otherwise the member's own previous value plus the a in force. Also that
+    no member trains a step twice and that each record names the stretch of life (segment) it
+    belongs to. Returns how many records followed a copy (so callers can require some)."""
+    events = list(result.events)
+    scores: dict[tuple[int, int], float] = {}
+    for h in result.history:
+        assert (h.member, h.step) not in scores, f"member {h.member} trained step {h.step} twice"
+        scores[(h.member, h.step)] = h.score
+
+    def value(member: int, step: int, before: int) -> float:
+        """The member's x at ``step`` after its events numbered below ``before``."""
+        copies = [
+            e
+            for e in events
+            if e.member == member
+            and e.index < before
+            and e.step == step
+            and e.donor not in (None, member)
+        ]
+        if copies:
+            e = copies[-1]
+            assert e.donor is not None and e.donor_step is not None
+            return value(e.donor, e.donor_step, _barrier(e) if synchronous else e.index)
+        return scores[(member, step)]
+
+    def _barrier(e: pt.Event) -> int:
+        """Synchronous donors are taken before any decision of the generation."""
+        return min(x.index for x in events if x.step == e.step and x.kind != "replace")
+
+    followed = 0
+    by_member: dict[int, list[pt.HistoryRecord]] = {}
+    for h in result.history:
+        by_member.setdefault(h.member, []).append(h)
+    for member, records in by_member.items():
+        records.sort(key=lambda h: h.step)
+        prev: pt.HistoryRecord | None = None
+        for h in records:
+            if h.segment is None:
+                a = result.initial_hparams[member]["lr"]
+                expected = (prev.score if prev is not None else 0.0) + a
+                assert prev is None or prev.segment is None
+            else:
+                e = events[h.segment]
+                assert e.member == member and e.step < h.step
+                a = e.new_hparams["lr"]
+                if prev is not None and prev.segment == h.segment:
+                    expected = prev.score + a
+                elif e.donor in (None, member):  # explore, or a fresh replacement
+                    base = 0.0 if e.donor is None else value(member, e.step, e.index)
+                    expected = base + a
+                else:
+                    assert e.donor_step is not None and h.step == e.donor_step + 1
+                    base = value(e.donor, e.donor_step, _barrier(e) if synchronous else e.index)
+                    expected = base + a
+                    followed += 1
+            assert h.score == expected, (member, h.step, h.segment, h.score, expected)
+            prev = h
+    return followed

@@ -10,11 +10,17 @@ holds x, its RNG and how many steps it has taken. It can:
 * sleep or spin for ``WL_DELAY`` seconds per step (``WL_SPIN=1``: burn CPU instead of sleeping);
 * fail (``WL_FAIL=seed:step:mode``, several separated by ``,``): ``always``; ``once`` (the first
   time only); ``again`` (every time but the first: a step that fails when it is replayed).
-  ``once`` and ``again`` count in ``WL_MARKS``.
+  ``once`` and ``again`` count in ``WL_MARKS``. ``WL_FAIL_IN=seed:method:mode`` fails in
+  ``load_state_dict``, ``set_hparams`` or ``state_dict`` instead (``always`` or ``once``);
+* saturate like a validation accuracy (``WL_SATURATE=k``): the score is ``1 - exp(-x / k)``
+  rounded to 0.01 (ties everywhere near the top) instead of x;
+* report the live instances in its process (metric ``live``; `close` ends one) and its
+  math-library thread setting (metric ``omp``, from ``OMP_NUM_THREADS``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -30,11 +36,32 @@ def _env(name: str, default: str) -> str:
 
 
 class Counter(pt.Trainable):
+    live = 0  # instances not closed, in this process
+
     def __init__(self, hparams: Mapping[str, Any], seed: int) -> None:
         super().__init__(hparams, seed)
         self.rng = np.random.default_rng(seed)
         self.x = 0.0
         self.steps = 0
+        self.closed = False
+        Counter.live += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            Counter.live -= 1
+
+    def _maybe_fail_in(self, method: str) -> None:
+        for spec in filter(None, os.environ.get("WL_FAIL_IN", "").split(",")):
+            seed, where, mode = spec.split(":")
+            if int(seed) != self.seed or where != method:
+                continue
+            if mode == "once":
+                mark = os.path.join(os.environ["WL_MARKS"], f"{seed}-{method}")
+                if os.path.exists(mark):
+                    continue
+                open(mark, "a").close()
+            raise RuntimeError(f"injected failure in {method}")
 
     def _lock(self) -> str | None:
         folder = os.environ.get("WL_LOCKS")
@@ -90,17 +117,34 @@ class Counter(pt.Trainable):
                 time.sleep(delay)
             self.steps += 1
             self._maybe_fail()
+            assert not self.closed, "a closed trainable was used again"
             noise = float(_env("WL_NOISE", "0.01"))
             self.x = self.x + self.hparams["lr"] + noise * float(self.rng.standard_normal())
-            return {"score": self.x, "x": self.x, "taken": float(self.steps)}
+            score = self.x
+            saturate = float(_env("WL_SATURATE", "0"))
+            if saturate:
+                score = round(1.0 - math.exp(-self.x / saturate), 2)
+            return {
+                "score": score,
+                "x": self.x,
+                "taken": float(self.steps),
+                "live": float(Counter.live),
+                "omp": float(os.environ.get("OMP_NUM_THREADS", "0")),
+            }
         finally:
             if lock is not None:
                 os.unlink(lock)
 
     def state_dict(self) -> object:
+        self._maybe_fail_in("state_dict")
         return {"x": self.x, "rng": self.rng.bit_generator.state, "steps": self.steps}
 
+    def set_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._maybe_fail_in("set_hparams")
+        super().set_hparams(hparams)
+
     def load_state_dict(self, state: Any) -> None:
+        self._maybe_fail_in("load_state_dict")
         self.x = float(state["x"])
         self.rng.bit_generator.state = state["rng"]
         self.steps = int(state["steps"])

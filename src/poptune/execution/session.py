@@ -311,7 +311,8 @@ def load_result(storage: Storage, name: str) -> Result:
         },
         members=sorted(members, key=lambda m: m.id),
         history=[
-            HistoryRecord(r.member, r.step, r.metrics, r.score) for r in storage.results(name)
+            HistoryRecord(r.member, r.step, r.metrics, r.score, r.segment)
+            for r in storage.results(name)
         ],
         events=[Event.from_dict(e) for e in storage.events(name)],
     )

@@ -1,0 +1,206 @@
+"""The shared member lifecycle: exactness, convergence and the regressions it fixed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import SOURCE, WORKLOADS, check_complete, check_exact, experiment
+
+import poptune as pt
+from poptune.controller import member_seed
+from poptune.storage import open_storage
+
+EXECUTORS = [pytest.param(1, id="serial"), pytest.param(2, id="processes", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("synchronous", [False, True], ids=["async", "sync"])
+@pytest.mark.parametrize("workers", EXECUTORS)
+def test_every_score_is_what_the_lineage_says(
+    env: Any, tmp_path: Path, workers: int, synchronous: bool
+) -> None:
+    """On a deterministic member (x += a, score x), with a retried failure and a member that
+    fails for good and is replaced: each member's next score after an exploit is the donor's
+    value at donor_step plus the new a, otherwise its own plus a; no step is trained twice."""
+    env(
+        noise=0,
+        pop=5,
+        steps=40,
+        interval=5,
+        sync=int(synchronous),
+        delay=0.002 if workers > 1 else 0,
+        fail=f"{member_seed(0, 1)}:7:once,{member_seed(0, 2)}:13:always",
+    )
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = experiment().run(url, "r", workers=workers, source=SOURCE)
+    assert result.member(2).status == "failed"
+    check_complete(result, 40, 5)
+    kinds = {e.kind for e in result.events}
+    assert {"exploit", "replace"} <= kinds
+    assert check_exact(result, synchronous) >= 3
+    budget = 5 * 40
+    assert len(result.history) <= budget * 1.10
+
+
+@pytest.mark.slow
+def test_saturating_score_with_workers_converges_within_budget(env: Any, tmp_path: Path) -> None:
+    """Two workers on a score that saturates (rounded like an accuracy: ties near the top)
+    finish, never copy a donor behind, and train at most 10 % more member-steps than the
+    budget. Before, members copied donors an interval behind, rolled back and livelocked
+    (3.6x the budget, or no end)."""
+    env(pop=8, steps=100, interval=10, saturate=5, delay=0.002)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = experiment().run(url, "r", workers=2, source=SOURCE)
+    check_complete(result, 100, 8)
+    assert all(e.donor_step is None or e.donor_step >= e.step for e in result.events)
+    assert len(result.history) <= 8 * 100 * 1.10
+    assert sum(e.kind == "exploit" for e in result.events) >= 5  # it still exploits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["load_state_dict", "set_hparams", "state_dict"])
+def test_exceptions_outside_step_take_the_failure_path(
+    env: Any, tmp_path: Path, method: str
+) -> None:
+    """An exception in load_state_dict, set_hparams or state_dict in a worker process is
+    retried, then fails the member, which is replaced; the traceback is stored. Before, it
+    crashed the worker process over and over, then stopped the run with no traceback."""
+    always = member_seed(0, 1)
+    once = member_seed(0, 2)
+    env(fail_in=f"{always}:{method}:always,{once}:{method}:once", delay=0.001)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    # cache_size=1: members are reloaded from checkpoints (load_state_dict) all the time.
+    options = pt.RunOptions(cache_size=1, max_retries=2)
+    result = experiment().run(url, "r", workers=2, source=SOURCE, options=options)
+    check_complete(result, 40, 4)
+    failures = open_storage(url).failures("r")
+    by_member: dict[int, int] = {}
+    for f in failures:
+        assert f"in {method}" in f.traceback and "Traceback" in f.traceback
+        by_member[f.member] = by_member.get(f.member, 0) + 1
+    if method == "load_state_dict":
+        # A member's first load is after its first ready point, unless it copied a donor.
+        assert result.member(1).status in ("failed", "finished")
+    else:
+        assert result.member(1).status == "failed" and by_member[1] == 3
+    assert by_member.get(2, 0) <= 1 and result.member(2).status == "finished"
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_at_most_cache_size_trainables_and_closes_the_rest(
+    env: Any, tmp_path: Path
+) -> None:
+    """With 2 workers and 10 members, no worker process ever holds more than cache_size (3)
+    live trainables; those it lets go are closed. Before, one worker held 11."""
+    env(pop=10, steps=30, interval=5, delay=0.001)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = experiment().run(url, "r", workers=2, source=SOURCE)
+    check_complete(result, 30, 10)
+    assert max(h.metrics["live"] for h in result.history) <= 3
+    assert max(h.metrics["live"] for h in result.history) >= 2  # it does keep some
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("threads", "expected"), [(None, max(1, (os.cpu_count() or 1) // 2)), (3, 3)]
+)
+def test_workers_share_the_cores_among_math_libraries(
+    env: Any, tmp_path: Path, threads: int | None, expected: int
+) -> None:
+    """Each of 2 workers sets its math libraries to its share of the cores (overridable):
+    two PyTorch workers no longer each use every core."""
+    env(pop=2, steps=10, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    options = pt.RunOptions(threads=threads)
+    result = experiment().run(url, "r", workers=2, source=SOURCE, options=options)
+    assert {h.metrics["omp"] for h in result.history} == {float(expected)}
+
+
+def test_limit_threads_sets_torch_when_it_is_imported() -> None:
+    """A worker's thread limit reaches torch as well as the OpenMP/BLAS variables."""
+    torch = pytest.importorskip("torch")
+    from poptune.execution.lifecycle import limit_threads
+
+    before = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    try:
+        limit_threads(1)
+        assert torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1" == os.environ["MKL_NUM_THREADS"]
+    finally:
+        torch.set_num_threads(before)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_run_at_top_level_without_main_guard_fails_and_says_why(tmp_path: Path) -> None:
+    """A script that calls run(workers=2) at its top level (no __main__ guard) fails with a
+    message naming the guard; it used to return a Result with no history and exit 0."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(WORKLOADS).parent)!r})
+            from workloads import counter
+            result = counter().run("sqlite:///{tmp_path}/runs.db", "r", workers=2)
+            print("returned", len(result.history))
+            """
+        )
+    )
+    env = {**os.environ, "WL_LOCKS": "", "WL_STEPS": "10"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert done.returncode != 0, done.stdout
+    assert "returned" not in done.stdout
+    assert 'if __name__ == "__main__":' in done.stderr
+    assert open_storage(f"sqlite:///{tmp_path}/runs.db").get_run("r").status == "interrupted"
+
+
+def test_a_member_knows_its_context(env: Any) -> None:
+    """The trainable is told its run, member id, worker and starting step before it trains."""
+    seen: list[pt.MemberContext] = []
+
+    class Probe(pt.Trainable):
+        def step(self) -> float:
+            assert self.context is not None
+            seen.append(self.context)
+            return 1.0
+
+        def state_dict(self) -> object:
+            return 0
+
+        def load_state_dict(self, state: Any) -> None:
+            pass
+
+    exp = pt.Experiment(Probe, {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=4, interval=2)
+    exp.run(name="ctx")
+    assert {(c.run, c.member) for c in seen} == {("ctx", 0), ("ctx", 1)}
+    assert {c.step for c in seen} == {0, 2} and all(":" in c.worker for c in seen)
+
+
+def test_all_nan_scores_warn_that_no_member_could_be_compared() -> None:
+    """A run whose every score is NaN completes but warns: it was random search."""
+
+    class Blind(pt.Trainable):
+        def step(self) -> float:
+            return float("nan")
+
+        def state_dict(self) -> object:
+            return 0
+
+        def load_state_dict(self, state: Any) -> None:
+            pass
+
+    exp = pt.Experiment(Blind, {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=4, interval=2)
+    with pytest.warns(RuntimeWarning, match="every score .* NaN or infinite"):
+        exp.run()
