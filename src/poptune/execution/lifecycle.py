@@ -157,7 +157,10 @@ def deferred_interrupts() -> Iterator[None]:
     (which printed driver tracebacks and could leave a run marked running). Only the main
     thread receives signals; elsewhere this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a worker process: ignored
+    ):
         yield
         return
     received: list[int] = []
@@ -171,6 +174,8 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signal.SIGINT, None)
         raise KeyboardInterrupt
 
 
