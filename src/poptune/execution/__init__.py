@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.session import ConfigMismatch, RunFailed, RunOptions, load_result
+from poptune.storage.folders import default_checkpoint_root
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -15,17 +16,6 @@ if TYPE_CHECKING:
 __all__ = ["ConfigMismatch", "RunFailed", "RunOptions", "default_checkpoint_root", "execute"]
 
 EXECUTORS = ("serial", "processes")
-
-
-def default_checkpoint_root(storage_url: str) -> str:
-    """Checkpoints beside a SQLite file (``runs.db`` -> ``runs-checkpoints/``), else in the
-    current folder (``poptune-checkpoints/``)."""
-    if storage_url.startswith("sqlite:///"):
-        path = storage_url[len("sqlite:///") :]
-        if path and path != ":memory:":
-            stem, _ = os.path.splitext(os.path.abspath(path))
-            return stem + "-checkpoints"
-    return os.path.abspath("poptune-checkpoints")
 
 
 def execute(
@@ -42,7 +32,8 @@ def execute(
 ) -> Result:
     """Runs (or resumes) ``experiment`` as run ``name`` in ``storage``; see `Experiment.run`."""
     from poptune.execution.session import prepare_run
-    from poptune.storage import open_storage
+    from poptune.storage import open_storage, storage_url
+    from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
     from poptune.storage.memory import MemoryCheckpointStore
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -54,8 +45,9 @@ def execute(
     if executor == "serial" and workers != 1:
         raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
     options = options or RunOptions()
-    url = storage if isinstance(storage, str) else None
-    store = open_storage(storage)
+    # Normalised once: worker processes reopen this very URL.
+    url = storage_url(storage) if isinstance(storage, str) else None
+    store = open_storage(url if url is not None else storage)
     in_memory = store.display_url.startswith("memory://")
     if in_memory and executor == "processes":
         raise ValueError(
@@ -70,12 +62,16 @@ def execute(
     name = name or "run"
     existing = store.get_run(name)
     root: str | None = None
+    where = url or store.display_url
     if not in_memory:
         root = checkpoints or (existing.checkpoint_root if existing else None)
-        root = root or default_checkpoint_root(url or "")
+        root = root or default_checkpoint_root(where)
         if "://" not in root:
             root = os.path.abspath(root)
+        check_checkpoint_folder(root, name, where, existing.created if existing else None)
     info = prepare_run(experiment, store, name, resume=resume, source=source, checkpoint_root=root)
+    if root is not None:
+        claim_checkpoint_folder(root, name, where, info.created)
     if info.status != "completed":
         if in_memory:
             ckpt: Any = MemoryCheckpointStore()
