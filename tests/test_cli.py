@@ -53,15 +53,23 @@ def tiny(path: Path, *, steps: int = 10, population: int = 2, delay: float = 0.0
     return path
 
 
-def poptune(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+def poptune(
+    *args: str,
+    cwd: Path,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+    stdin: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """Runs the command; ``env`` adds variables (a POPTUNE_STORAGE of the caller's is dropped)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "POPTUNE_STORAGE")}
     return subprocess.run(
         [sys.executable, "-m", "poptune", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env={**environ, **(env or {})},
+        input=stdin,
     )
 
 
@@ -270,6 +278,34 @@ TWO = TINY.format(steps=10, population=2, delay=0) + "SECOND = EXPERIMENT\n"
         ),
         pytest.param(
             ["run", "exp.py", "--storage", "nonsense"], {}, 1, "Not a storage URL", id="not-a-url"
+        ),
+        pytest.param(
+            ["run", "exp.py", "--storage", "runs/x"],
+            {},
+            1,
+            "Not a storage URL: 'runs/x'. Expected SQLite (sqlite:///FILE.db, or a path ending",
+            id="path-without-suffix-quoted",
+        ),
+        pytest.param(
+            ["status", "--storage", "weird://u:hunter2pw@h/db"],
+            {},
+            1,
+            "Unsupported storage 'weird://u:***@h/db'",
+            id="unknown-scheme-quoted-without-password",
+        ),
+        pytest.param(
+            ["run", "exp.py", "--storage", "postgres://u:hunter2pw@127.0.0.1:1/db"],
+            {},
+            1,
+            "Cannot reach storage postgresql+psycopg://u:***@127.0.0.1:1/db",
+            id="postgres-scheme-means-psycopg",
+        ),
+        pytest.param(
+            ["delete", "nosuchrun", "--yes"],
+            {"": ""},
+            1,
+            "No run named 'nosuchrun'",
+            id="delete-unknown-run",
         ),
         pytest.param(
             ["run", "exp.py", "--storage", PG_URL],
@@ -502,3 +538,159 @@ def test_version() -> None:
         [sys.executable, "-m", "poptune", "--version"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.strip() == f"poptune {pt.__version__}"
+
+
+# -- storages named by path or by POPTUNE_STORAGE; checkpoints of PostgreSQL runs --------------
+
+
+def pt_storage(url: str) -> Any:
+    from poptune.storage import open_storage
+
+    return open_storage(url)
+
+
+def test_a_bare_path_is_a_sqlite_storage(tmp_path: Path) -> None:
+    """`--storage runs/x.sqlite` stores the run in that file, checkpoints beside it."""
+    tiny(tmp_path / "exp.py")
+    (tmp_path / "runs").mkdir()
+    proc = poptune("run", "exp.py", "--no-progress", "--storage", "runs/x.sqlite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "x.sqlite").is_file()
+    assert (tmp_path / "runs" / "x-checkpoints" / "exp").is_dir()
+    assert "poptune status exp --storage sqlite:///runs/x.sqlite" in proc.stdout
+    status = poptune("status", "exp", "--storage", "runs/x.sqlite", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert not (tmp_path / "poptune.db").exists()
+
+
+def test_poptune_storage_is_every_commands_default(tmp_path: Path) -> None:
+    """POPTUNE_STORAGE replaces sqlite:///poptune.db as the default; --storage still wins."""
+    tiny(tmp_path / "exp.py")
+    env = {"POPTUNE_STORAGE": "sqlite:///other.db"}
+    proc = poptune("run", "exp.py", "--no-progress", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "other.db").is_file() and not (tmp_path / "poptune.db").exists()
+    assert "poptune status exp\n" in proc.stdout  # no --storage needed while it is set
+    listed = poptune("status", cwd=tmp_path, env=env)
+    assert "exp" in listed.stdout and "completed" in listed.stdout
+    exported = poptune("export", "exp", "--format", "json", "-o", "-", cwd=tmp_path, env=env)
+    assert len(strict_json(exported.stdout)["history"]) == 20
+    absent = poptune("status", "--storage", "sqlite:///poptune.db", cwd=tmp_path, env=env)
+    assert "does not exist" in assert_one_line_error(absent)
+    bare = poptune("status", cwd=tmp_path, env={"POPTUNE_STORAGE": "other.db"})
+    assert "exp" in bare.stdout, bare.stderr
+
+
+def test_a_bad_poptune_storage_is_named_and_its_password_hidden(tmp_path: Path) -> None:
+    """An unusable POPTUNE_STORAGE fails in one line that says where it came from."""
+    line = assert_one_line_error(
+        poptune("status", cwd=tmp_path, env={"POPTUNE_STORAGE": "nonsense"})
+    )
+    assert "Not a storage URL: 'nonsense'" in line and "(from POPTUNE_STORAGE)" in line
+    proc = poptune("status", cwd=tmp_path, env={"POPTUNE_STORAGE": PG_URL})
+    assert "Cannot reach storage" in assert_one_line_error(proc)
+    assert "hunter2pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "resume", "status", "export", "delete"])
+def test_every_command_documents_poptune_storage(command: str, tmp_path: Path) -> None:
+    proc = poptune(command, "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "$POPTUNE_STORAGE" in proc.stdout and "sqlite:///poptune.db" in proc.stdout
+
+
+def test_postgres_run_says_where_its_checkpoints_are(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL run's checkpoints get a folder of their own, and the command says so."""
+    from poptune.execution import default_checkpoint_root
+
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0  # SQLite
+    proc = poptune("run", "exp.py", "--no-progress", "--storage", pg_url, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with pt_storage(pg_url) as store:
+        info = store.get_run("exp")
+    assert info is not None and info.checkpoint_root is not None
+    root = Path(info.checkpoint_root)
+    assert root.parent == tmp_path / "poptune-checkpoints" and root.name != "exp"
+    monkeypatch.chdir(tmp_path)
+    assert str(root) == default_checkpoint_root(pg_url)
+    assert (root / "exp").is_dir() and (tmp_path / "poptune-checkpoints" / "exp").is_dir()
+    note = [ln for ln in proc.stderr.splitlines() if "every worker machine" in ln]
+    assert note == [
+        f"poptune: note: checkpoints are in {root / 'exp'}; every worker machine must reach "
+        "that path (or pass --checkpoints with a shared path or an fsspec URL)."
+    ]
+
+
+# -- delete ------------------------------------------------------------------------------------
+
+
+def test_delete_with_yes_removes_the_run_and_its_checkpoints(tmp_path: Path) -> None:
+    """`delete RUN --yes`: the run leaves the storage and its checkpoint folder goes."""
+    tiny(tmp_path / "exp.py")
+    tiny(tmp_path / "other.py")
+    for name in ("exp.py", "other.py"):
+        assert poptune("run", name, "--no-progress", cwd=tmp_path).returncode == 0
+    folder = tmp_path / "poptune-checkpoints" / "exp"
+    assert folder.is_dir()
+    proc = poptune("delete", "exp", "--yes", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Deleted run exp from sqlite:///poptune.db. Removed its checkpoints in {folder}." in (
+        proc.stdout
+    )
+    assert not folder.exists()
+    assert (tmp_path / "poptune-checkpoints" / "other").is_dir()
+    listed = poptune("status", cwd=tmp_path).stdout
+    assert "other" in listed and "exp " not in listed
+    again = poptune("run", "exp.py", "--no-progress", cwd=tmp_path)  # the name is free again
+    assert again.returncode == 0 and "Run exp completed" in again.stdout
+
+
+@pytest.mark.parametrize(("answer", "deleted"), [("n\n", False), ("", False), ("yes\n", True)])
+def test_delete_asks_first(tmp_path: Path, answer: str, deleted: bool) -> None:
+    """Without --yes, only an answer of y or yes deletes; anything else deletes nothing."""
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    proc = poptune("delete", "exp", cwd=tmp_path, stdin=answer)
+    assert "Delete run exp (completed, 2 members, 20 results) from sqlite:///poptune.db" in (
+        proc.stderr
+    )
+    assert proc.returncode == (0 if deleted else 1), proc.stderr
+    assert (tmp_path / "poptune-checkpoints" / "exp").exists() is not deleted
+    with pt_storage(f"sqlite:///{tmp_path / 'poptune.db'}") as store:
+        assert (store.get_run("exp") is None) is deleted
+
+
+def test_delete_refuses_a_run_a_live_worker_holds_unless_forced(tmp_path: Path) -> None:
+    """A running run whose member a live worker holds is kept, unless --force."""
+    from dataclasses import replace
+
+    from poptune.execution.session import new_worker_id
+
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    worker = new_worker_id()  # this test's process: alive
+    store = pt_storage(f"sqlite:///{tmp_path / 'poptune.db'}")
+    with store, store.transaction("exp") as tx:
+        first = tx.members()[0]
+        tx.put_members([replace(first, owner=worker, heartbeat=time.time())])
+        tx.set_status("running")
+    line = assert_one_line_error(poptune("delete", "exp", "--yes", cwd=tmp_path))
+    assert f"member 0 is held by {worker}" in line and "--force" in line
+    proc = poptune("delete", "exp", "--yes", "--force", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "poptune-checkpoints" / "exp").exists()
+
+
+def test_delete_leaves_a_folder_without_the_runs_marker(tmp_path: Path) -> None:
+    """A checkpoint folder that does not carry the run's marker is not removed, and it says so."""
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    folder = tmp_path / "poptune-checkpoints" / "exp"
+    (folder / ".poptune-run").unlink()
+    proc = poptune("delete", "exp", "--yes", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Left {folder} in place" in proc.stdout
+    assert folder.is_dir()

@@ -469,3 +469,77 @@ def test_trainable_factory_must_build_a_trainable() -> None:
     ):
         warnings.simplefilter("ignore")
         exp.run()
+
+
+# -- an Experiment is an immutable value ------------------------------------------------------
+
+
+def count_up(x: float, hp: Mapping[str, Any]) -> tuple[float, float]:
+    return x + hp["lr"], x + hp["lr"]
+
+
+def start_at_zero(hp: Mapping[str, Any], seed: int) -> float:
+    return 0.0
+
+
+def counting_experiment(**kwargs: Any) -> pt.Experiment:
+    """Module-level functions, so the experiment pickles."""
+    return pt.Experiment(
+        pt.trainable(start_at_zero, count_up),
+        {"lr": pt.Float(0.1, 1.0)},
+        **{"population_size": 2, "steps": 20, "interval": 5, **kwargs},
+    )
+
+
+def test_setting_an_attribute_is_refused_and_changes_nothing() -> None:
+    """`exp.steps = 40` raises, pointing to replace(); the experiment still trains 20 steps.
+
+    It used to half-apply: training went to 40 steps while describe() said 20.
+    """
+    exp = counting_experiment()
+    with pytest.raises(AttributeError, match=r"Experiment is immutable.*exp.replace\(steps="):
+        exp.steps = 40  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="immutable"):
+        exp.anything_new = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match="immutable"):
+        del exp.seed
+    assert exp.steps == 20 and exp.describe()["steps"] == 20
+    assert {m.step for m in exp.run().members} == {20}
+
+
+def test_replace_builds_a_new_validated_experiment() -> None:
+    """replace() changes what it is given, keeps the rest, and validates like the constructor."""
+    exp = counting_experiment(seed=3, initial_hparams=[{"lr": 0.2}, {"lr": 0.4}])
+    longer = exp.replace(steps=40)
+    assert longer is not exp and exp.steps == 20
+    assert longer.steps == 40 and longer.describe()["steps"] == 40
+    assert {k: v for k, v in longer.describe().items() if k != "steps"} == {
+        k: v for k, v in exp.describe().items() if k != "steps"
+    }
+    assert {m.step for m in longer.run().members} == {40}
+    with pytest.raises(ValueError, match="`population_size >= 2` must hold"):
+        exp.replace(population_size=1, initial_hparams=None)
+    with pytest.raises(TypeError, match="stepz"):
+        exp.replace(stepz=40)
+
+
+def test_initial_hparams_are_copied() -> None:
+    """Editing the list passed as initial_hparams afterwards changes neither run nor config."""
+    start = [{"lr": 0.2}, {"lr": 0.4}]
+    exp = counting_experiment(initial_hparams=start)
+    start[0]["lr"] = 0.9
+    assert exp.describe()["initial_population"]["0"] == {"lr": 0.2}
+    assert exp.run().initial_hparams[0] == {"lr": 0.2}
+
+
+def test_experiment_pickles_and_stays_immutable() -> None:
+    """Worker processes get the experiment pickled: it must come back equal and still frozen."""
+    import pickle
+
+    exp = counting_experiment(seed=5, explore=pt.Perturb(factors=(0.5, 2.0)))
+    back = pickle.loads(pickle.dumps(exp))
+    assert back.describe() == exp.describe()
+    assert back.replace(steps=30).steps == 30
+    with pytest.raises(AttributeError, match="immutable"):
+        back.steps = 40  # type: ignore[misc]
+    assert list(back.run().history) == list(exp.run().history)

@@ -24,6 +24,9 @@ TrainableFactory = Callable[[Mapping[str, Any], int], Trainable]
 class Experiment:
     """A Population Based Training experiment.
 
+    An experiment is immutable: its attributes are read-only (setting one raises
+    `AttributeError`); `replace` builds a changed copy. It pickles, for worker processes.
+
     Args:
         trainable: A `Trainable` subclass, or any callable ``(hparams, seed) -> Trainable``
             (see `poptune.trainable` for the two-function form).
@@ -76,37 +79,104 @@ class Experiment:
             )
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` must be a non-empty string, but got {metric!r}.")
-        self.trainable = trainable
-        self.metric = metric
+        # As given, for replace() and controller(); the space validated once.
+        arguments: dict[str, Any] = {
+            "trainable": trainable,
+            "space": space,
+            "population_size": population_size,
+            "steps": steps,
+            "interval": interval,
+            "burn_in": burn_in,
+            "metric": metric,
+            "mode": mode,
+            "exploit": exploit,
+            "explore": explore,
+            "synchronous": synchronous,
+            "seed": seed,
+            "initial_hparams": initial_hparams,
+        }
         # Building a controller validates every other argument, with messages that name them.
-        self._kwargs: dict[str, Any] = dict(
-            space=space,
-            population_size=population_size,
-            interval=interval,
-            burn_in=burn_in,
-            steps=steps,
-            mode=mode,
-            exploit=exploit,
-            explore=explore,
-            synchronous=synchronous,
-            seed=seed,
-            initial_hparams=initial_hparams,
-        )
-        probe = self.controller()
+        probe = PBT(**_controller_arguments(arguments))
         if probe.steps is None:
             raise ValueError("`steps` must be an integer >= 1, but got None.")
-        self.space: Space = probe.space
-        self._kwargs["space"] = probe.space
-        self.population_size: int = probe.population_size
-        self.steps: int = probe.steps
-        self.interval, self.burn_in, self.mode = probe.interval, probe.burn_in, probe.mode
-        self.exploit, self.explore = probe.exploit, probe.explore
-        self.synchronous, self.seed = probe.synchronous, probe.seed
-        self.initial_hparams = initial_hparams
+        arguments["space"] = probe.space
+        if initial_hparams is not None:  # copied: a caller's later edits change nothing here
+            arguments["initial_hparams"] = tuple(dict(h) for h in initial_hparams)
+        fields: dict[str, Any] = {
+            "trainable": trainable,
+            "space": probe.space,
+            "population_size": probe.population_size,
+            "steps": probe.steps,
+            "interval": probe.interval,
+            "burn_in": probe.burn_in,
+            "metric": metric,
+            "mode": probe.mode,
+            "exploit": probe.exploit,
+            "explore": probe.explore,
+            "synchronous": probe.synchronous,
+            "seed": probe.seed,
+            "initial_hparams": arguments["initial_hparams"],
+            "_arguments": arguments,
+        }
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
+
+    # Set once, in __init__: an Experiment is immutable (see __setattr__).
+    trainable: type[Trainable] | TrainableFactory
+    space: Space
+    population_size: int
+    steps: int
+    interval: int
+    burn_in: int
+    metric: str
+    mode: str
+    exploit: Exploit | None
+    explore: Any
+    synchronous: bool
+    seed: int
+    initial_hparams: Sequence[Mapping[str, Any]] | None
+    _arguments: dict[str, Any]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Changing one field after construction would half-apply: the controller is built from
+        # the arguments, so `exp.steps = 40` trained to 40 while describe() still said 20.
+        example = f"{name}=..." if name in self._arguments else "steps=40"
+        raise AttributeError(
+            f"Experiment is immutable: cannot set {name!r}. Build a new one instead, e.g. "
+            f"exp = exp.replace({example})."
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(
+            f"Experiment is immutable: cannot delete {name!r}. Build a new one with "
+            "exp.replace(...)."
+        )
+
+    def replace(self, **changes: Any) -> Experiment:
+        """A new, validated experiment: this one with ``changes`` to its arguments.
+
+        Example:
+            >>> import poptune as pt
+            >>> exp = pt.Experiment(pt.trainable(lambda hp, s: 0.0, lambda x, hp: (x, x)),
+            ...                     {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=20)
+            >>> exp.replace(steps=40).steps, exp.steps
+            (40, 20)
+
+        Raises:
+            TypeError: A change names no argument of `Experiment`.
+            ValueError: The changed configuration is invalid (as `Experiment` raises).
+        """
+        unknown = sorted(set(changes) - set(self._arguments))
+        if unknown:
+            raise TypeError(
+                f"Experiment.replace() takes the arguments of Experiment "
+                f"({', '.join(self._arguments)}), but got {', '.join(unknown)}."
+            )
+        return Experiment(**{**self._arguments, **changes})
 
     def controller(self, snapshot: Mapping[str, Any] | None = None) -> PBT:
         """A `PBT` controller for this configuration: a new population, or ``snapshot``'s."""
-        return PBT(**self._kwargs, snapshot=snapshot)
+        return PBT(**_controller_arguments(self._arguments), snapshot=snapshot)
 
     def describe(self) -> dict[str, Any]:
         """The configuration as JSON-ready data (stored with a run, compared on resume)."""
@@ -135,10 +205,11 @@ class Experiment:
         """Runs the experiment and returns its `Result`.
 
         Without a storage the run lives in this process's memory. With one (a URL such as
-        ``sqlite:///runs.db`` or ``postgresql+psycopg://user@host/db``, or a `Storage`) every
-        result, decision and checkpoint reference is recorded there as it happens, and running
-        the same experiment again with the same storage and name resumes it from its last
-        checkpoints: same population, lineage and ready clocks.
+        ``sqlite:///runs.db``, a path such as ``runs.db``, ``postgresql://user@host/db``, or a
+        `Storage`; see `poptune.storage.storage_url`) every result, decision and checkpoint
+        reference is recorded there as it happens, and running the same experiment again with
+        the same storage and name resumes it from its last checkpoints: same population,
+        lineage and ready clocks.
 
         Args:
             storage: Where the run is recorded; None for memory.
@@ -147,14 +218,19 @@ class Experiment:
             executor: ``"serial"`` (this process) or ``"processes"``.
             resume: Resume a run of that name even if its configuration differs (its
                 population size and hyperparameter names must match).
-            checkpoints: Directory or fsspec URL for checkpoint files; by default beside a
-                SQLite file (``runs.db`` -> ``runs-checkpoints/``) or ``./poptune-checkpoints``.
+            checkpoints: Directory or fsspec URL for checkpoint files (the run's go in
+                ``checkpoints/NAME``). By default beside a SQLite file (``runs.db`` ->
+                ``runs-checkpoints/``), else ``./poptune-checkpoints/<hash of the storage>/``;
+                a resumed run keeps the root it was created with unless this is given. See
+                `poptune.storage.folders`.
             options: Retries, retention, heartbeats: see `poptune.RunOptions`.
             source: ``FILE.py:NAME`` this experiment was loaded from (set by the CLI; lets
                 worker processes and ``poptune resume`` load it again).
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
+            poptune.storage.StorageError: The storage cannot be used, or the checkpoint folder
+                belongs to another run.
             poptune.RunFailed: Too many failures in user code.
             KeyboardInterrupt: On Ctrl-C, after everything committed has been flushed and
                 the run marked interrupted (resume it later).
@@ -179,3 +255,8 @@ class Experiment:
             f"steps={self.steps}, interval={self.interval}, metric={self.metric!r}, "
             f"mode={self.mode!r})"
         )
+
+
+def _controller_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of `Experiment` that `PBT` takes."""
+    return {k: v for k, v in arguments.items() if k not in ("trainable", "metric")}

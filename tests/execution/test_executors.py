@@ -312,13 +312,11 @@ def test_keyboard_interrupt_marks_run_interrupted_and_resume_completes(
         member.step = step_then_interrupt  # type: ignore[method-assign]
         return member
 
-    exp.trainable = interrupting
     with pytest.raises(KeyboardInterrupt):
-        exp.run(url, "r")
+        exp.replace(trainable=interrupting).run(url, "r")
     store = open_storage(url)
     assert store.get_run("r").status == "interrupted"
     assert all(m.owner is None for m in store.members("r"))
-    exp.trainable = original
     resumed = exp.run(url, "r", resume=True)  # the wrapper changed the trainable's name
     check_complete(resumed, 40, 4)
     assert history_key(resumed) == history_key(experiment().run())

@@ -107,7 +107,7 @@ def test_a_worker_keeps_at_most_cache_size_trainables_and_closes_the_rest(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("threads", "expected"), [(None, max(1, (os.cpu_count() or 1) // 2)), (3, 3)]
+    ("threads", "expected"), [(None, max(1, len(os.sched_getaffinity(0)) // 2)), (3, 3)]
 )
 def test_workers_share_the_cores_among_math_libraries(
     env: Any, tmp_path: Path, threads: int | None, expected: int

@@ -7,7 +7,9 @@
     poptune status toy_quadratic                     # one run's population and failures
     poptune export toy_quadratic --format csv        # history, events, best schedule
     poptune resume toy_quadratic                     # continues an interrupted run
+    poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
 
+Every command's ``--storage`` defaults to ``$POPTUNE_STORAGE``, else ``sqlite:///poptune.db``.
 Expected failures print one line, ``poptune: error: ...``, and exit with 2 (bad usage) or 1
 (anything else); passwords in storage URLs never appear in the output.
 """
@@ -25,12 +27,14 @@ from poptune.cli._common import (
     DEFAULT_STORAGE,
     INTERRUPTED,
     RUNTIME,
+    STORAGE_ENV,
     USAGE,
     CLIError,
     _error_line,
     _positive_int,
     _scrub,
 )
+from poptune.cli.delete import cmd_delete
 from poptune.cli.export import cmd_export
 from poptune.cli.run import cmd_resume, cmd_run
 from poptune.cli.status import cmd_status
@@ -46,10 +50,11 @@ class _Parser(argparse.ArgumentParser):
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
-        default=DEFAULT_STORAGE,
+        default=None,
         metavar="URL",
-        help=f"where runs are kept: sqlite:///FILE.db or postgresql+psycopg://USER@HOST/DB "
-        f"(default: {DEFAULT_STORAGE} in the current folder)",
+        help="where runs are kept: sqlite:///FILE.db or a path ending in .db/.sqlite/.sqlite3, "
+        f"or postgresql://USER@HOST/DB (default: ${STORAGE_ENV} if set, else "
+        f"{DEFAULT_STORAGE} in the current folder)",
     )
 
 
@@ -107,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoints",
         metavar="DIR",
-        help="checkpoint folder or fsspec URL (default: beside a SQLite file)",
+        help="checkpoint folder or fsspec URL (default: FILE-checkpoints/ beside a SQLite "
+        "FILE.db, else ./poptune-checkpoints/HASH/ for the storage)",
     )
     p.add_argument(
         "--resume",
@@ -139,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "delete", help="delete a run: its records and its checkpoint folder (asks first)"
+    )
+    p.add_argument("run", metavar="RUN")
+    _add_storage(p)
+    p.add_argument("-y", "--yes", action="store_true", help="delete without asking")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even while a live worker trains the run (its workers then fail)",
+    )
+    p.set_defaults(func=cmd_delete)
     return parser
 
 
@@ -156,7 +175,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``poptune`` command; returns its exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    for url in _storage_args(args_list):
+    for url in [*_storage_args(args_list), os.environ.get(STORAGE_ENV, "")]:
         _scrub.add_url(url)
     from poptune.execution.session import ConfigMismatch
     from poptune.execution.source import SourceError

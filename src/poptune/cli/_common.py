@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -16,6 +15,8 @@ if TYPE_CHECKING:
     from poptune.storage.base import RunInfo, Storage
 
 DEFAULT_STORAGE = "sqlite:///poptune.db"
+#: The environment variable that, when set, is every command's default ``--storage``.
+STORAGE_ENV = "POPTUNE_STORAGE"
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 
 
@@ -34,16 +35,14 @@ class _Scrubber:
         self.secrets: set[str] = set()
 
     def add_url(self, url: str) -> None:
-        password: str | None = None
-        try:
-            from sqlalchemy.engine import make_url
+        from poptune.storage import _url_secrets
 
-            password = make_url(url).password
-        except Exception:
-            match = re.search(r"://[^/@:]*:([^@/]*)@", url)
-            password = match.group(1) if match else None
-        if password:
-            self.secrets.update({password, quote(password, safe=""), quote(password)})
+        # As written, decoded and encoded: a message may quote any of them. (SQLAlchemy's own
+        # parse is not used: it takes a password with an unencoded '@' for a shorter one.)
+        for password in _url_secrets(url):
+            self.secrets.update(
+                {password, unquote(password), quote(password, safe=""), quote(password)}
+            )
 
     def __call__(self, text: str) -> str:
         for secret in sorted(self.secrets, key=len, reverse=True):
@@ -79,9 +78,40 @@ def _redact(url: str) -> str:
     return redact_url(url)
 
 
+def _default_storage() -> tuple[str, str]:
+    """The storage a command uses without ``--storage``, and where that choice comes from."""
+    from_env = os.environ.get(STORAGE_ENV)
+    if from_env:
+        return from_env, f"(from {STORAGE_ENV})"
+    return DEFAULT_STORAGE, "(the default)"
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    """The command's storage URL, normalised: ``--storage``, else $POPTUNE_STORAGE, else
+    ``sqlite:///poptune.db``."""
+    from poptune.storage import storage_url
+    from poptune.storage.base import StorageError
+
+    if args.storage is not None:
+        return storage_url(args.storage)
+    text, origin = _default_storage()
+    try:
+        return storage_url(text)
+    except StorageError as e:
+        raise StorageError(f"{e} {origin}") from None
+
+
 def _storage_flag(url: str) -> str:
-    """`` --storage URL`` (password hidden) to repeat in a suggested command; empty if default."""
-    if url == DEFAULT_STORAGE:
+    """`` --storage URL`` (password hidden) to repeat in a suggested command; empty when the
+    command would use that storage without it."""
+    from poptune.storage import storage_url
+    from poptune.storage.base import StorageError
+
+    try:
+        default = storage_url(_default_storage()[0])
+    except StorageError:
+        default = DEFAULT_STORAGE
+    if url == default:
         return ""
     return f" --storage {shlex.quote(_redact(url))}"
 

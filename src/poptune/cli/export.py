@@ -9,14 +9,21 @@ import argparse
 import os
 import sys
 
-from poptune.cli._common import USAGE, CLIError, _check_name, _get_run, _open_existing
+from poptune.cli._common import (
+    USAGE,
+    CLIError,
+    _check_name,
+    _get_run,
+    _open_existing,
+    _storage_url,
+)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from poptune.execution.session import load_result
     from poptune.export import write_csv, write_json
 
-    url: str = args.storage
+    url = _storage_url(args)
     name = _check_name(args.run, "")
     with _open_existing(url) as store:
         info = _get_run(store, name)

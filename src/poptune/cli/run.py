@@ -24,6 +24,7 @@ from poptune.cli._common import (
     _split_source,
     _stdout,
     _storage_flag,
+    _storage_url,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ def _train(
     options = _run_options(args)
     with _open_storage(url) as store:  # fails early and clearly; creates the schema once
         before = store.get_run(name)
+    if url.startswith("postgresql"):
+        stored = before.checkpoint_root if before is not None else None
+        _note_shared_checkpoints(url, name, checkpoints or stored)
     started = time.monotonic()
     display = ProgressDisplay(url, name, mode=_progress_mode(args))
     try:
@@ -97,6 +101,21 @@ def _train(
         raise CLIError(f"{first}; see `poptune status {name}{_storage_flag(url)}`") from None
     _summary(result, url, name, time.monotonic() - started, before=before)
     return 0
+
+
+def _note_shared_checkpoints(url: str, name: str, root: str | None) -> None:
+    """Says where a PostgreSQL run's checkpoints go: workers on other machines must reach them."""
+    from poptune.storage.folders import default_checkpoint_root
+
+    root = root or default_checkpoint_root(url)
+    if "://" in root:
+        return  # an fsspec URL, chosen to be shared
+    folder = _checkpoint_folder(os.path.abspath(root), name)
+    print(
+        f"poptune: note: checkpoints are in {folder}; every worker machine must reach that "
+        "path (or pass --checkpoints with a shared path or an fsspec URL).",
+        file=sys.stderr,
+    )
 
 
 def _summary(
@@ -145,7 +164,7 @@ def _summary(
 def cmd_run(args: argparse.Namespace) -> int:
     from poptune.execution.source import load_experiment
 
-    url: str = args.storage
+    url = _storage_url(args)
     _check_persistent(url)
     if args.name is not None:
         _check_name(args.name, "Choose another with --name.")
@@ -165,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from poptune.execution.source import load_experiment
 
-    url: str = args.storage
+    url = _storage_url(args)
     name = _check_name(args.run, "")
     with _open_existing(url) as store:
         info = _get_run(store, name)

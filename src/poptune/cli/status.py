@@ -14,6 +14,7 @@ from poptune.cli._common import (
     _open_existing,
     _scrub,
     _stdout,
+    _storage_url,
 )
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url: str = args.storage
+    url = _storage_url(args)
     with _open_existing(url) as store:
         if args.run is None:
             _status_all(store)

@@ -12,6 +12,7 @@ from poptune.execution.session import (
     RunOptions,
     load_result,
 )
+from poptune.storage.folders import default_checkpoint_root
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -37,17 +38,6 @@ _MAIN_GUARD = (
 EXECUTORS = ("serial", "processes")
 
 
-def default_checkpoint_root(storage_url: str) -> str:
-    """Checkpoints beside a SQLite file (``runs.db`` -> ``runs-checkpoints/``), else in the
-    current folder (``poptune-checkpoints/``)."""
-    if storage_url.startswith("sqlite:///"):
-        path = storage_url[len("sqlite:///") :]
-        if path and path != ":memory:":
-            stem, _ = os.path.splitext(os.path.abspath(path))
-            return stem + "-checkpoints"
-    return os.path.abspath("poptune-checkpoints")
-
-
 def execute(
     experiment: Experiment,
     storage: str | Storage | None = None,
@@ -68,7 +58,8 @@ def execute(
         # start workers of workers and mark the run interrupted.
         raise RuntimeError(_MAIN_GUARD)
     from poptune.execution.session import prepare_run
-    from poptune.storage import open_storage
+    from poptune.storage import open_storage, storage_url
+    from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
     from poptune.storage.memory import MemoryCheckpointStore
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -80,8 +71,9 @@ def execute(
     if executor == "serial" and workers != 1:
         raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
     options = options or RunOptions()
-    url = storage if isinstance(storage, str) else None
-    store = open_storage(storage)
+    # Normalised once: worker processes reopen this very URL.
+    url = storage_url(storage) if isinstance(storage, str) else None
+    store = open_storage(url if url is not None else storage)
     in_memory = store.display_url.startswith("memory://")
     if in_memory and executor == "processes":
         raise ValueError(
@@ -96,12 +88,16 @@ def execute(
     name = name or "run"
     existing = store.get_run(name)
     root: str | None = None
+    where = url or store.display_url
     if not in_memory:
         root = checkpoints or (existing.checkpoint_root if existing else None)
-        root = root or default_checkpoint_root(url or "")
+        root = root or default_checkpoint_root(where)
         if "://" not in root:
             root = os.path.abspath(root)
+        check_checkpoint_folder(root, name, where, existing.created if existing else None)
     info = prepare_run(experiment, store, name, resume=resume, source=source, checkpoint_root=root)
+    if root is not None:
+        claim_checkpoint_folder(root, name, where, info.created)
     if info.status != "completed":
         if in_memory:
             ckpt: Any = MemoryCheckpointStore()

@@ -574,13 +574,6 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def math_threads(workers: int, threads: int | None) -> int:
-    """Threads each worker's math libraries use: ``threads``, else the cores shared out."""
-    if threads is not None:
-        return threads
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",

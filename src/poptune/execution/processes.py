@@ -47,7 +47,6 @@ from poptune.execution.lifecycle import (
     claim_order,
     committing,
     limit_threads,
-    math_threads,
     next_ready,
 )
 from poptune.execution.session import (
@@ -321,7 +320,7 @@ def run_processes(
             ) from None
     failed = sum(1 for r in storage.members(name) if r.state["status"] == "failed")
     spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload, failed)
-    threads = math_threads(workers, options.threads)
+    threads = options.threads_per_worker(workers)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
     procs: dict[int, tuple[Any, Any]] = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import socket
 import time
@@ -68,44 +70,119 @@ class CheckpointBackend(Protocol):
 class RunOptions:
     """How a run is executed (none of this changes its results).
 
-    Attributes:
-        max_retries: Times a member's step is retried after an exception in user code before
-            the member is marked failed and replaced.
-        max_failures: Failures in user code (all members together, counted from when this
-            execution of the run started) after which the run stops as failed. None:
-            ``2 * population_size``.
-        keep_checkpoints: Checkpoints kept per member (those still referred to are kept too).
-        heartbeat_timeout: Seconds without a heartbeat after which a member's worker is
-            presumed dead and the member is reclaimed from its last checkpoint.
-        poll_interval: Seconds a worker with nothing to do waits before looking again.
-        max_lag: Processes executor: a member is not claimed while it is this many steps or
-            more ahead of the slowest running member, so no member races to the end against
-            stale scores while another waits for a worker. None: two ``interval``s (one
-            interval makes a worker that finishes a round early wait for the slowest member).
+    Every field is checked when the options are built: a `ValueError` says what must hold and
+    what was given. Integers must be integers (a bool is not one); floats must be finite.
+
+    Example:
+        >>> RunOptions(max_retries=0, max_failures=0).failure_budget(population_size=8)
+        0
     """
 
     max_retries: int = 2
-    max_failures: int | None = None
-    keep_checkpoints: int = 2
-    heartbeat_timeout: float = 30.0
-    poll_interval: float = 0.05
-    max_lag: int | None = None
-    cache_size: int = 3
-    threads: int | None = None
+    """Times a member's failing step is retried from its last checkpoint before the member
+    fails for good (>= 0)."""
 
-    def failure_budget(self, population_size: int) -> int:
-        """Members that may fail for good before the run stops."""
-        return population_size if self.max_failures is None else self.max_failures
+    max_failures: int | None = None
+    """The run stops (`RunFailed`) when more than this many members have failed for good (all
+    retries used) during this execution; retried transient errors do not count. None means
+    ``population_size``; 0 stops the run at the first member that fails for good. See
+    `failure_budget`."""
+
+    keep_checkpoints: int = 2
+    """Checkpoints kept per member (>= 1); those a member's state still refers to are kept
+    too."""
+
+    heartbeat_timeout: float = 30.0
+    """Seconds without a heartbeat after which a member's worker is presumed dead and the
+    member is reclaimed from its last checkpoint (> 0, finite)."""
+
+    poll_interval: float = 0.05
+    """Seconds a worker with nothing to do waits before looking again (> 0, finite)."""
+
+    max_lag: int | None = None
+    """Processes executor: a member is not claimed while it is this many steps or more ahead
+    of the slowest running member, so no member races to the end against stale scores while
+    another waits for a worker (None or >= 1). None: two ``interval``s (one interval makes a
+    worker that finishes a round early wait for the slowest member)."""
+
+    cache_size: int = 3
+    """Live trainables a worker keeps, the member being trained included (>= 1)."""
+
+    threads: int | None = None
+    """Math-library threads per worker (None or >= 1). None: the machine's cores divided by
+    the number of workers, at least 1."""
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError(f"`max_retries >= 0` must hold, but got {self.max_retries}.")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"`keep_checkpoints >= 1` must hold, but got {self.keep_checkpoints}.")
-        if not self.heartbeat_timeout > 0:
-            raise ValueError(
-                f"`heartbeat_timeout > 0` must hold, but got {self.heartbeat_timeout}."
-            )
+        # Stored as plain int and float (numpy scalars are accepted): options are pickled
+        # to workers and printed.
+        checked = {
+            "max_retries": _check_int("max_retries", self.max_retries, minimum=0),
+            "max_failures": _check_int("max_failures", self.max_failures, 0, optional=True),
+            "keep_checkpoints": _check_int("keep_checkpoints", self.keep_checkpoints, 1),
+            "heartbeat_timeout": _check_seconds("heartbeat_timeout", self.heartbeat_timeout),
+            "poll_interval": _check_seconds("poll_interval", self.poll_interval),
+            "max_lag": _check_int("max_lag", self.max_lag, minimum=1, optional=True),
+            "cache_size": _check_int("cache_size", self.cache_size, minimum=1),
+            "threads": _check_int("threads", self.threads, minimum=1, optional=True),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def failure_budget(self, population_size: int) -> int:
+        """How many members may fail for good before the run stops: it stops when more do.
+
+        ``max_failures``, or ``population_size`` when that is None.
+
+        Raises:
+            ValueError: ``population_size`` is not an integer >= 1.
+        """
+        _check_int("population_size", population_size, minimum=1)
+        return int(population_size) if self.max_failures is None else self.max_failures
+
+    def threads_per_worker(self, workers: int) -> int:
+        """Math-library threads each of ``workers`` workers uses: ``threads``, or the cores
+        this process may use divided by ``workers``, at least 1.
+
+        Raises:
+            ValueError: ``workers`` is not an integer >= 1.
+        """
+        _check_int("workers", workers, minimum=1)
+        if self.threads is not None:
+            return self.threads
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may run on
+        except AttributeError:  # macOS, Windows
+            cores = os.cpu_count() or 1
+        return max(1, cores // int(workers))
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """``int(value)`` if it is an integer >= ``minimum`` (or None, when ``optional``)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "None or an integer" if optional else "an integer"
+        note = " (a bool is not an integer)" if isinstance(value, bool) else ""
+        raise ValueError(
+            f"`{name} >= {minimum}` must hold for {kind}, but got {name}={value!r}{note}."
+        )
+    return int(value)
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    """``float(value)`` if it is a finite number > 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        note = " (a bool is not a number)" if isinstance(value, bool) else ""
+        raise ValueError(
+            f"`{name} > 0` must hold for a finite number of seconds, but got "
+            f"{name}={value!r}{note}."
+        )
+    return float(value)
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:
