@@ -40,16 +40,16 @@ def _continues_identically(make: Any, hparams: dict[str, Any], metric: str, tmp:
     """Trains a member, checkpoints it through the real store, loads that into a member with
     another seed and other hparams, applies the hparams, and compares the next steps."""
     original = make(hparams, 1)
-    for _ in range(3):
+    for _ in range(2):
         score = original.step()[metric]
         assert 0.0 <= score <= 1.0
     store = CheckpointStore(tmp)
-    saved = store.save("run", 0, 3, original.state_dict())
+    saved = store.save("run", 0, 2, original.state_dict())
     copy = make({k: v * 3 for k, v in hparams.items()}, 2)
-    copy.step()
+    copy.step()  # its own optimizer state and RNG draws, all to be replaced
     copy.load_state_dict(store.load(saved.location))
     copy.set_hparams(hparams)
-    for _ in range(4):
+    for _ in range(3):
         assert copy.step() == original.step()
 
 
