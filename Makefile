@@ -32,6 +32,7 @@ lint: $(BIN)/.ready
 bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/persistence.py
+	$(BIN)/python benchmarks/convergence.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
