@@ -5,6 +5,8 @@ from __future__ import annotations
 from poptune.storage.base import (
     CheckpointRow,
     FailureRow,
+    LeaseLost,
+    MemberBusy,
     MemberRow,
     ResultRow,
     RunExists,
@@ -29,6 +31,8 @@ __all__ = [
     "CheckpointStore",
     "FailureRow",
     "InMemoryStorage",
+    "LeaseLost",
+    "MemberBusy",
     "MemberRow",
     "MemoryCheckpointStore",
     "ResultRow",
