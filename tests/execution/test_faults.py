@@ -185,3 +185,20 @@ def test_frozen_worker_loses_its_member_and_its_work(env: Any, tmp_path: Path) -
     assert frozen
     check_complete(result, 30, 3)
     check_no_unexplained_repeats(result)
+
+
+def test_resume_right_after_killing_a_whole_run_is_not_refused(env: Any, tmp_path: Path) -> None:
+    """SIGKILL a processes run with its workers, then resume it at once with the serial
+    executor: the killed workers' members are free although their heartbeats are fresh, even
+    where the workers linger as zombies (a container's init that never reaps orphans)."""
+    env(delay=0.01, pop=4, steps=40, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    proc = _start_run(url, 2)
+    wait_for_results(url, "r", 20)
+    with open_storage(url) as store:
+        workers = {m.owner for m in store.members("r") if m.owner is not None}
+        _kill_group(proc)
+        assert workers, "no member was held when the run was killed"
+        assert store.get_run("r").status == "running"
+    result = experiment().run(url, "r", options=pt.RunOptions(heartbeat_timeout=600.0))
+    check_complete(result, 40, 4)

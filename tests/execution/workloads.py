@@ -6,7 +6,7 @@ holds x, its RNG and how many steps it has taken. It can:
 
 * detect two processes training the same member at once (``WL_LOCKS``: a folder; each step
   holds an exclusive lock file named after the member's seed, and a step that finds the lock
-  held by another live process writes a ``VIOLATION`` file there);
+  held by another live process, not a zombie, writes a ``VIOLATION`` file there);
 * sleep or spin for ``WL_DELAY`` seconds per step (``WL_SPIN=1``: burn CPU instead of sleeping);
 * fail (``WL_FAIL=seed:step:mode``, several separated by ``,``): ``always``; ``once`` (the first
   time only); ``again`` (every time but the first: a step that fails when it is replayed).
@@ -33,6 +33,23 @@ import poptune as pt
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie. A killed worker stays a zombie until
+    its parent reaps it, and its member may be claimed meanwhile: that is no violation."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no /proc: existence is all that can be told
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Counter(pt.Trainable):
@@ -77,12 +94,7 @@ class Counter(pt.Trainable):
                         holder = int(f.read() or "0")
                 except (FileNotFoundError, ValueError):
                     continue
-                alive = True
-                try:
-                    os.kill(holder, 0)
-                except ProcessLookupError:
-                    alive = False
-                if alive and holder != os.getpid():
+                if _running(holder) and holder != os.getpid():
                     with open(os.path.join(folder, "VIOLATION"), "a") as f:
                         f.write(f"member seed {self.seed}: pid {os.getpid()} while {holder}\n")
                     return None

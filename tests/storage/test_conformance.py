@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import multiprocessing
+import socket
 import threading
 import time
 import traceback
@@ -25,6 +27,8 @@ import pytest
 from poptune.storage import (
     CheckpointRow,
     FailureRow,
+    LeaseLost,
+    MemberBusy,
     MemberRow,
     ResultRow,
     RunExists,
@@ -32,6 +36,7 @@ from poptune.storage import (
     StorageError,
     open_storage,
 )
+from poptune.storage.leases import namespace_id, new_worker_id
 
 RUN = "run-a"
 OTHER = "run-b"
@@ -540,6 +545,24 @@ def test_results_keep_commit_order_and_exact_values(storage: Storage) -> None:
     assert_exact(storage.results(RUN), [r for batch in batches for r in batch], "results")
 
 
+def test_results_keep_their_lineage_segment(storage: Storage) -> None:
+    """Each result reads back with the segment it was written with (None: the initial one)."""
+    storage.create_run(RUN, {}, "fp")
+    rows = [
+        ResultRow(0, 1, 0.5, {}),
+        ResultRow(0, 2, 0.6, {}, segment=None),
+        ResultRow(0, 3, 0.7, {"loss": 0.3}, segment=0),
+        ResultRow(1, 3, 0.1, {}, segment=7),
+        ResultRow(1, 4, 0.2, {}, segment=2**31 - 1),
+    ]
+    with storage.transaction(RUN) as tx:
+        tx.add_results(rows[:2])
+    with storage.transaction(RUN) as tx:
+        tx.add_results(rows[2:])
+    assert_exact(storage.results(RUN), rows, "results")
+    assert [r.segment for r in storage.results(RUN)] == [None, None, 0, 7, 2**31 - 1]
+
+
 # -- events -----------------------------------------------------------------------------------
 
 
@@ -658,6 +681,289 @@ def test_heartbeat_touches_only_the_owners_rows(storage: Storage) -> None:
     assert storage.members(OTHER)[0].heartbeat == 1.0
     assert storage.heartbeat(RUN, "nobody", 100.0) == 0
     assert_exact(storage.members(RUN), want, "members")
+
+
+def test_heartbeat_without_a_time_writes_the_storage_clock(storage: Storage) -> None:
+    """heartbeat(name, owner) stamps the owner's rows with the storage's clock (on PostgreSQL,
+    the server's), between two readings of Storage.now; other rows keep theirs."""
+    storage.create_run(
+        RUN,
+        {},
+        "fp",
+        members=[
+            MemberRow(member_state(0), owner="w1", heartbeat=1.0),
+            MemberRow(member_state(1), owner="w2", heartbeat=2.0),
+        ],
+    )
+    before = storage.now()
+    assert storage.heartbeat(RUN, "w1") == 1
+    after = storage.now()
+    rows = storage.members(RUN)
+    assert rows[0].heartbeat is not None
+    assert before <= rows[0].heartbeat <= after
+    assert rows[1].heartbeat == 2.0
+    assert abs(after - time.time()) < 60  # a clock in seconds since the epoch
+    with storage.transaction(RUN) as tx:
+        assert after <= tx.now() <= storage.now()
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+TIMEOUT = 30.0
+OTHER_NAMESPACE = "abcdef012345"
+
+
+def _held(storage: Storage, owner: str | None, age: float, member: int = 0) -> MemberRow:
+    """Creates the run with one member held by ``owner``, its heartbeat ``age`` seconds old on
+    the storage's clock, and a checkpoint and attempt count a claim must keep."""
+    row = MemberRow(
+        member_state(member, step=8),
+        owner=owner,
+        heartbeat=None if owner is None else storage.now() - age,
+        checkpoint="ckpt/8",
+        checkpoint_step=8,
+        attempts=1,
+    )
+    storage.create_run(RUN, {}, "fp", members=[row, MemberRow(member_state(member + 1))])
+    return row
+
+
+def test_claim_makes_the_caller_owner_with_the_storage_clock(storage: Storage) -> None:
+    """Claiming a free member names the caller as owner, with the storage's time as its
+    heartbeat, and changes nothing else in the row."""
+    row = _held(storage, None, 0)
+    before = storage.now()
+    with storage.transaction(RUN) as tx:
+        claimed = tx.claim(0, "w1", TIMEOUT)
+        assert claimed == tx.members()[0]
+    after = storage.now()
+    assert claimed.owner == "w1"
+    assert claimed.heartbeat is not None and before <= claimed.heartbeat <= after
+    assert_exact(storage.members(RUN)[0], claimed, "member 0")
+    assert claimed == replace(row, owner="w1", heartbeat=claimed.heartbeat)
+    assert storage.members(RUN)[1].owner is None
+
+
+def test_a_live_lease_cannot_be_claimed_by_another_owner(storage: Storage) -> None:
+    """While its owner's heartbeat is fresh, a second owner's claim raises MemberBusy (a
+    StorageError) naming the holder, and writes nothing."""
+    _held(storage, None, 0)
+    with storage.transaction(RUN) as tx:
+        first = tx.claim(0, "w1", TIMEOUT)
+    with storage.transaction(RUN) as tx, pytest.raises(MemberBusy, match="w1") as info:
+        tx.claim(0, "w2", TIMEOUT)
+    assert isinstance(info.value, StorageError)
+    assert "w2" in str(info.value)
+    assert_exact(storage.members(RUN)[0], first, "member 0")
+    with storage.transaction(RUN) as tx:
+        assert tx.require_owner(0, "w1") == first
+        with pytest.raises(LeaseLost):
+            tx.require_owner(0, "w2")
+
+
+def test_claiming_a_member_you_hold_refreshes_it(storage: Storage) -> None:
+    """A holder's claim succeeds whatever its heartbeat's age, and renews the heartbeat."""
+    _held(storage, "w1", 10 * TIMEOUT)
+    before = storage.now()
+    with storage.transaction(RUN) as tx:
+        again = tx.claim(0, "w1", TIMEOUT)
+    assert again.owner == "w1"
+    assert again.heartbeat is not None and again.heartbeat >= before
+    assert_exact(storage.members(RUN)[0], again, "member 0")
+
+
+def test_an_expired_lease_is_claimed_and_its_old_owner_loses_it(storage: Storage) -> None:
+    """Once the owner's heartbeat is older than the timeout (storage clock), another worker
+    claims the member; the old owner's late commit is then refused with LeaseLost and rolled
+    back, and its heartbeats no longer touch the member."""
+    _held(storage, "w1", TIMEOUT + 5)
+    with storage.transaction(RUN) as tx:
+        claimed = tx.claim(0, "w2", TIMEOUT)
+    assert (claimed.owner, claimed.checkpoint, claimed.attempts) == ("w2", "ckpt/8", 1)
+
+    with pytest.raises(LeaseLost, match="w2") as info, storage.transaction(RUN) as tx:
+        tx.add_results([ResultRow(0, 9, 0.9, {})])  # the old owner's late commit...
+        tx.add_checkpoint(0, 9, "ckpt/9-by-w1", 1)
+        row = tx.require_owner(0, "w1")  # ...checks its lease, as every commit must
+        tx.put_members([replace(row, state=member_state(0, step=9))])
+    assert isinstance(info.value, StorageError)
+    assert "w1" in str(info.value)
+    assert storage.results(RUN) == []
+    assert storage.checkpoints(RUN) == []
+    assert_exact(storage.members(RUN)[0], claimed, "member 0")
+    assert storage.heartbeat(RUN, "w1") == 0
+    assert storage.members(RUN)[0].owner == "w2"
+
+
+def test_a_lease_within_the_timeout_is_kept(storage: Storage) -> None:
+    """A heartbeat a little younger than the timeout still holds the member."""
+    _held(storage, "w1", TIMEOUT - 10)
+    with storage.transaction(RUN) as tx, pytest.raises(MemberBusy):
+        tx.claim(0, "w2", TIMEOUT)
+    assert storage.members(RUN)[0].owner == "w1"
+
+
+def test_require_owner_of_a_free_member_raises_lease_lost(storage: Storage) -> None:
+    """A worker whose member was released (say, by the parent that saw it die) holds nothing."""
+    _held(storage, None, 0)
+    with storage.transaction(RUN) as tx, pytest.raises(LeaseLost, match="nobody"):
+        tx.require_owner(0, "w1")
+
+
+def test_release_frees_only_the_holders_member(storage: Storage) -> None:
+    """release by a non-holder does nothing; by the holder it clears owner and heartbeat and
+    keeps the rest (checkpoint, attempts, state)."""
+    row = _held(storage, "w1", 0)
+    with storage.transaction(RUN) as tx:
+        tx.release(0, "w2")
+        tx.release(1, "w1")
+    assert storage.members(RUN)[0].owner == "w1"
+    with storage.transaction(RUN) as tx:
+        tx.release(0, "w1")
+        assert tx.members()[0].owner is None
+    assert_exact(storage.members(RUN)[0], replace(row, owner=None, heartbeat=None), "member 0")
+    with storage.transaction(RUN) as tx:
+        tx.claim(0, "w2", TIMEOUT)  # free again for anyone
+
+
+def test_release_all_frees_every_member_an_owner_matches(storage: Storage) -> None:
+    """release_all frees the members whose owner the predicate accepts and returns their ids."""
+    owners = ["host:1:a-w1", None, "host:1:a-w2", "host:2:b-w1", "host:1:a-w1"]
+    storage.create_run(
+        RUN,
+        {},
+        "fp",
+        members=[
+            MemberRow(member_state(i), owner=o, heartbeat=None if o is None else 5.0)
+            for i, o in enumerate(owners)
+        ],
+    )
+    with storage.transaction(RUN) as tx:
+        assert tx.release_all(lambda owner: owner.startswith("host:1:")) == [0, 2, 4]
+        assert tx.release_all(lambda owner: owner == "nobody") == []
+    rows = storage.members(RUN)
+    assert [r.owner for r in rows] == [None, None, None, "host:2:b-w1", None]
+    assert [r.heartbeat for r in rows] == [None, None, None, 5.0, None]
+
+
+def test_lease_methods_refuse_unknown_members_and_bad_arguments(storage: Storage) -> None:
+    """claim, require_owner and release of a member the run lacks raise StorageError naming
+    it; a timeout that is not positive or an empty owner raises ValueError."""
+    _held(storage, None, 0)
+    with storage.transaction(RUN) as tx:
+        for call in (
+            lambda: tx.claim(9, "w1", TIMEOUT),
+            lambda: tx.require_owner(9, "w1"),
+            lambda: tx.release(9, "w1"),
+        ):
+            with pytest.raises(StorageError, match="no member 9"):
+                call()
+        with pytest.raises(ValueError, match="timeout > 0"):
+            tx.claim(0, "w1", 0.0)
+        with pytest.raises(ValueError, match="owner"):
+            tx.claim(0, "", TIMEOUT)
+    assert storage.members(RUN)[0].owner is None
+
+
+def test_a_zombie_owner_of_this_host_is_not_alive(storage: Storage, zombie_pid: int) -> None:
+    """A worker of this host and namespace that exited but was never reaped (a zombie) loses
+    its member at once, although its heartbeat is fresh: resuming right after kill -9 of a
+    whole process group must not wait for, or be refused by, dead workers."""
+    namespace = namespace_id()
+    if namespace is None:
+        pytest.skip("no PID namespace id on this platform")
+    zombie = f"{socket.gethostname()}:{zombie_pid}:{namespace}:cafebabe-w1"
+    _held(storage, zombie, 0)
+    with storage.transaction(RUN) as tx:
+        assert tx.claim(0, "w2", TIMEOUT).owner == "w2"
+
+
+def test_an_owner_of_another_namespace_is_judged_by_its_heartbeat(
+    storage: Storage, dead_pid: int
+) -> None:
+    """An owner on this host name but in another PID namespace (another container) whose pid
+    does not exist here keeps its member while its heartbeat is fresh: it is never stolen. The
+    same pid in this namespace would be dead."""
+    host = socket.gethostname()
+    namespace = namespace_id()
+    if namespace is None:
+        pytest.skip("no PID namespace id on this platform")
+    assert namespace != OTHER_NAMESPACE
+    elsewhere = f"{host}:{dead_pid}:{OTHER_NAMESPACE}:cafebabe"
+    _held(storage, elsewhere, 0)
+    with storage.transaction(RUN) as tx, pytest.raises(MemberBusy):
+        tx.claim(0, "w2", TIMEOUT)
+    assert storage.members(RUN)[0].owner == elsewhere
+    with storage.transaction(RUN) as tx:  # the same pid, in this namespace: dead
+        tx.put_members([replace(tx.members()[0], owner=f"{host}:{dead_pid}:{namespace}:cafebabe")])
+    with storage.transaction(RUN) as tx:
+        assert tx.claim(0, "w2", TIMEOUT).owner == "w2"
+
+
+def test_own_live_worker_id_is_busy_until_its_heartbeat_expires(storage: Storage) -> None:
+    """The pid check never keeps an owner alive: this live process's id with a fresh heartbeat
+    holds its member, with an expired one loses it."""
+    me = new_worker_id()
+    _held(storage, me, 0)
+    with storage.transaction(RUN) as tx, pytest.raises(MemberBusy):
+        tx.claim(0, "w2", TIMEOUT)
+    with storage.transaction(RUN) as tx:
+        tx.put_members([replace(tx.members()[0], heartbeat=tx.now() - TIMEOUT - 1)])
+    with storage.transaction(RUN) as tx:
+        assert tx.claim(0, "w2", TIMEOUT).owner == "w2"
+
+
+@pytest.mark.postgres
+def test_postgres_heartbeats_use_the_servers_clock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, Storage.now, Transaction.now, heartbeat(None) and claim all read the
+    server's clock: a worker whose own clock is an hour slow still writes the right time."""
+    with open_storage(pg_url) as storage:
+        storage.create_run(RUN, {}, "fp", members=[MemberRow(member_state(0), owner="w1")])
+        true_now = time.time  # the server runs on this machine: its clock is this one
+        monkeypatch.setattr(time, "time", lambda: true_now() - 3600.0)
+        assert abs(storage.now() - true_now()) < 60
+        storage.heartbeat(RUN, "w1")
+        beat = storage.members(RUN)[0].heartbeat
+        assert beat is not None and abs(beat - true_now()) < 60
+        with storage.transaction(RUN) as tx:
+            assert abs(tx.now() - true_now()) < 60
+            claimed = tx.claim(0, "w1", TIMEOUT)
+        assert claimed.heartbeat is not None and abs(claimed.heartbeat - true_now()) < 60
+        monkeypatch.undo()
+
+
+def _claim_in_namespace(url: str) -> str:
+    """Python code that tries to claim member 0 of RUN and prints whether it could."""
+    return f"""
+import json
+from poptune.storage import MemberBusy, open_storage
+with open_storage({url!r}) as storage, storage.transaction({RUN!r}) as tx:
+    try:
+        tx.claim(0, "thief", {TIMEOUT!r})
+        outcome = "claimed"
+    except MemberBusy:
+        outcome = "busy"
+print(json.dumps({{"outcome": outcome}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_in_another_container_never_steals_a_live_member(
+    sql_url: str, in_new_pid_namespace: Callable[[str], str]
+) -> None:
+    """A worker in another PID namespace of this host (same host name), sharing the database,
+    cannot claim a member this live process holds, though this pid does not exist there."""
+    me = new_worker_id()
+    with open_storage(sql_url) as storage:
+        storage.create_run(RUN, {}, "fp", members=[MemberRow(member_state(0))])
+        with storage.transaction(RUN) as tx:
+            tx.claim(0, me, TIMEOUT)
+    out = in_new_pid_namespace(_claim_in_namespace(sql_url))
+    assert json.loads(out) == {"outcome": "busy"}
+    with open_storage(sql_url) as storage:
+        assert storage.members(RUN)[0].owner == me
 
 
 # -- controller state -------------------------------------------------------------------------
@@ -902,7 +1208,8 @@ def test_transactions_are_exclusive_across_processes(sql_url: str) -> None:
 def _claim_worker(
     barrier: Any, url: str, run: str, me: str, rounds: int, seed: int
 ) -> dict[str, list[Any]]:
-    """Claims a free member, holds it briefly, releases it; records any sign of a double claim."""
+    """Claims a member with `Transaction.claim` (busy ones refuse), holds it briefly, commits
+    after `require_owner` and releases it; records any sign of a double claim."""
     rng = np.random.default_rng(seed)
     claims: list[int] = []
     problems: list[str] = []
@@ -912,11 +1219,10 @@ def _claim_worker(
         for _ in range(rounds):
             mine = None
             with storage.transaction(run) as tx:
-                free = [m for m in tx.members() if m.owner is None]
-                if free:
-                    row = free[int(rng.integers(len(free)))]
-                    tx.put_members([replace(row, owner=me, heartbeat=time.time())])
-                    mine = row.id
+                rows = tx.members()
+                wanted = rows[int(rng.integers(len(rows)))].id
+                with contextlib.suppress(MemberBusy):  # held by another worker: try again
+                    mine = tx.claim(wanted, me, timeout=600.0).id
             if mine is None:
                 time.sleep(0.0005)
                 continue
@@ -926,11 +1232,14 @@ def _claim_worker(
             if seen != me:
                 problems.append(f"{me} holds member {mine}, but a read names {seen!r}")
             with storage.transaction(run) as tx:
-                row = by_id(tx.members())[mine]
-                if row.owner != me:
-                    problems.append(f"{me} holds member {mine}, but its tx names {row.owner!r}")
+                try:
+                    row = tx.require_owner(mine, me)
+                except LeaseLost as e:
+                    problems.append(f"{me} holds member {mine}, but its tx says: {e}")
+                    continue
                 state = {**row.state, "step": int(row.state["step"]) + 1}
-                tx.put_members([replace(row, owner=None, heartbeat=None, state=state)])
+                tx.put_members([replace(row, state=state)])
+                tx.release(mine, me)
     finally:
         storage.close()
     return {"claims": claims, "problems": problems}
@@ -938,7 +1247,7 @@ def _claim_worker(
 
 @pytest.mark.slow
 def test_no_member_is_claimed_twice_across_processes(sql_url: str) -> None:
-    """Workers claiming free members in transactions never hold the same member at once."""
+    """Workers claiming members with Transaction.claim never hold the same member at once."""
     processes, rounds, members = 4, 25, 2
     with open_storage(sql_url) as storage:
         storage.create_run(

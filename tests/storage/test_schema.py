@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 import time
 import traceback
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from poptune.storage import StorageError, open_storage, redact_url
+from poptune.storage import ResultRow, StorageError, open_storage, redact_url
 from poptune.storage import sql as sql_storage
 from poptune.storage.base import SCHEMA_VERSION
 
@@ -188,6 +190,230 @@ def test_failed_migration_changes_nothing(
         open_storage(sql_url)
     assert schema_version(raw) == 0
     assert "half_done" not in column_names(raw, "poptune_runs")
+
+
+def version_1_metadata() -> sa.MetaData:
+    """The tables of schema version 1, frozen here as poptune 0.1 created them (plain types:
+    JSON and exact floats are text), so the migration is tested against the real old schema."""
+    v1 = sa.MetaData()
+    sa.Table(
+        "poptune_meta",
+        v1,
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    sa.Table(
+        "poptune_runs",
+        v1,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(200), nullable=False, unique=True),
+        sa.Column("config", sa.Text, nullable=False),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("source", sa.Text),
+        sa.Column("checkpoint_root", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Column("generation", sa.Integer, nullable=False),
+        sa.Column("pending", sa.Text, nullable=False),
+        sa.Column("event_count", sa.Integer, nullable=False),
+        sa.Column("created", sa.Float, nullable=False),
+        sa.Column("updated", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "poptune_members",
+        v1,
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("step", sa.BigInteger, nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("owner", sa.String(200)),
+        sa.Column("heartbeat", sa.Float),
+        sa.Column("checkpoint", sa.Text),
+        sa.Column("checkpoint_step", sa.BigInteger),
+        sa.Column("attempts", sa.Integer, nullable=False),
+    )
+    sa.Table(
+        "poptune_results",
+        v1,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+        sa.Column("member", sa.Integer, nullable=False),
+        sa.Column("step", sa.BigInteger, nullable=False),
+        sa.Column("score", sa.String(40)),
+        sa.Column("metrics", sa.Text, nullable=False),
+        sa.Index("ix_poptune_results_run", "run_id", "id"),
+    )
+    sa.Table(
+        "poptune_events",
+        v1,
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), primary_key=True),
+        sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("member", sa.Integer, nullable=False),
+        sa.Column("step", sa.BigInteger, nullable=False),
+        sa.Column("donor", sa.Integer),
+        sa.Column("donor_step", sa.BigInteger),
+        sa.Column("kind", sa.String(20), nullable=False),
+        sa.Column("old_hparams", sa.Text, nullable=False),
+        sa.Column("new_hparams", sa.Text, nullable=False),
+        sa.Column("operations", sa.Text, nullable=False),
+    )
+    sa.Table(
+        "poptune_checkpoints",
+        v1,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+        sa.Column("member", sa.Integer, nullable=False),
+        sa.Column("step", sa.BigInteger, nullable=False),
+        sa.Column("location", sa.Text, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("created", sa.Float, nullable=False),
+        sa.Index("ix_poptune_checkpoints_run", "run_id", "id"),
+    )
+    sa.Table(
+        "poptune_failures",
+        v1,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("poptune_runs.id"), nullable=False),
+        sa.Column("member", sa.Integer, nullable=False),
+        sa.Column("step", sa.BigInteger, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("traceback", sa.Text, nullable=False),
+        sa.Column("time", sa.Float, nullable=False),
+    )
+    return v1
+
+
+def write_version_1_database(engine: sa.Engine) -> None:
+    """A database as poptune 0.1 left it: one run with a member, results, an event, a
+    checkpoint and a failure, schema_version 1."""
+    v1 = version_1_metadata()
+    state = {
+        "id": 0,
+        "hparams": {"lr": 0.01},
+        "step": 4,
+        "last_ready": 4,
+        "score": 0.5,
+        "score_step": 4,
+        "window": [0.5],
+        "status": "running",
+        "decisions": 1,
+        "replaces": None,
+    }
+    with engine.begin() as conn:
+        v1.create_all(conn)
+        t = v1.tables
+        conn.execute(sa.insert(t["poptune_meta"]).values(key="schema_version", value="1"))
+        inserted = conn.execute(
+            sa.insert(t["poptune_runs"]).values(
+                name="old-run",
+                config='{"lr": 0.1}',
+                fingerprint="fp",
+                status="running",
+                generation=0,
+                pending="{}",
+                event_count=1,
+                created=1.0,
+                updated=2.0,
+            )
+        )
+        assert inserted.inserted_primary_key is not None
+        run_id = int(inserted.inserted_primary_key[0])
+        conn.execute(
+            sa.insert(t["poptune_members"]).values(
+                run_id=run_id,
+                id=0,
+                state=json.dumps(state),
+                step=4,
+                status="running",
+                owner="host:1:abcd1234",
+                heartbeat=3.0,
+                checkpoint="ck/4",
+                checkpoint_step=4,
+                attempts=0,
+            )
+        )
+        conn.execute(
+            sa.insert(t["poptune_results"]).values(run_id=run_id),
+            [
+                {"member": 0, "step": 3, "score": "0.25", "metrics": '{"loss": 1.5}'},
+                {"member": 0, "step": 4, "score": "nan", "metrics": "{}"},
+            ],
+        )
+        conn.execute(
+            sa.insert(t["poptune_events"]).values(
+                run_id=run_id,
+                idx=0,
+                member=0,
+                step=4,
+                donor=1,
+                donor_step=4,
+                kind="exploit",
+                old_hparams='{"lr": 0.02}',
+                new_hparams='{"lr": 0.01}',
+                operations="{}",
+            )
+        )
+        conn.execute(
+            sa.insert(t["poptune_checkpoints"]).values(
+                run_id=run_id, member=0, step=4, location="ck/4", size=10, created=2.5
+            )
+        )
+        conn.execute(
+            sa.insert(t["poptune_failures"]).values(
+                run_id=run_id, member=0, step=2, attempt=1, traceback="tb", time=1.5
+            )
+        )
+
+
+def test_version_1_database_is_migrated_with_its_data_intact(sql_url: str, raw: sa.Engine) -> None:
+    """A database written with schema version 1 opens: results gain a ``segment`` column (None
+    for the old rows), everything already stored reads back unchanged, and new results keep
+    their segment."""
+    write_version_1_database(raw)
+    assert "segment" not in column_names(raw, "poptune_results")
+    with open_storage(sql_url) as storage:
+        info = storage.get_run("old-run")
+        assert info is not None
+        assert (info.status, dict(info.config), info.created, info.updated) == (
+            "running",
+            {"lr": 0.1},
+            1.0,
+            2.0,
+        )
+        results = storage.results("old-run")
+        assert [(r.member, r.step, r.metrics, r.segment) for r in results] == [
+            (0, 3, {"loss": 1.5}, None),
+            (0, 4, {}, None),
+        ]
+        assert results[0].score == 0.25 and math.isnan(results[1].score)
+        [member] = storage.members("old-run")
+        assert (member.state["step"], member.state["hparams"], member.owner) == (
+            4,
+            {"lr": 0.01},
+            "host:1:abcd1234",
+        )
+        assert (member.heartbeat, member.checkpoint, member.checkpoint_step) == (3.0, "ck/4", 4)
+        [ev] = storage.events("old-run")
+        assert (ev["index"], ev["kind"], ev["donor"], ev["new_hparams"]) == (
+            0,
+            "exploit",
+            1,
+            {"lr": 0.01},
+        )
+        assert [(c.location, c.size) for c in storage.checkpoints("old-run")] == [("ck/4", 10)]
+        assert [(f.step, f.traceback) for f in storage.failures("old-run")] == [(2, "tb")]
+        with storage.transaction("old-run") as tx:
+            assert tx.event_count() == 1
+            tx.add_results([ResultRow(0, 5, 0.75, {}, segment=0)])
+        assert [r.segment for r in storage.results("old-run")] == [None, None, 0]
+    assert "segment" in column_names(raw, "poptune_results")
+    assert schema_version(raw) == SCHEMA_VERSION == 2
+    with open_storage(sql_url) as storage:  # migrated once: opening again changes nothing
+        assert len(storage.results("old-run")) == 3
+        storage.create_run("new-run", {}, "fp")  # and the migrated database takes new runs
+        assert [r.name for r in storage.list_runs()] == ["old-run", "new-run"]
+    assert schema_version(raw) == 2
 
 
 def test_poptune_tables_without_meta_are_refused(sql_url: str, raw: sa.Engine) -> None:

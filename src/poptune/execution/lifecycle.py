@@ -42,7 +42,6 @@ from poptune.execution.session import (
     RunFailed,
     RunOptions,
     member_rows,
-    now,
     retention,
     write_population,
 )
@@ -52,7 +51,6 @@ from poptune.storage.base import (
     MemberRow,
     ResultRow,
     Storage,
-    StorageError,
     Transaction,
 )
 from poptune.trainable import MemberContext, Trainable
@@ -78,10 +76,6 @@ class ConfigurationError(ValueError):
 
 class MetricMissing(ConfigurationError):
     """``step()`` did not return the experiment's metric."""
-
-
-class LeaseLost(StorageError):
-    """This worker no longer holds the member (presumed dead): its work must be dropped."""
 
 
 # -- pure rules ----------------------------------------------------------------------------------
@@ -343,16 +337,6 @@ class Lifecycle:
 
     # -- commit --------------------------------------------------------------------------------
 
-    def require_owner(self, stored: Mapping[int, MemberRow], members: Sequence[int]) -> None:
-        """Raises `LeaseLost` unless this worker still holds every one of ``members``."""
-        for mid in members:
-            owner = stored[mid].owner
-            if owner != self.worker:
-                raise LeaseLost(
-                    f"Member {mid} of run {self.name!r} is held by {owner or 'nobody'}, not by "
-                    f"this worker ({self.worker}): it was presumed dead and its work is dropped."
-                )
-
     def commit(
         self,
         tx: Transaction,
@@ -370,11 +354,12 @@ class Lifecycle:
         members not in ``trained`` are recorded too. Refused (`LeaseLost`) unless this worker
         holds every trained member.
         """
-        self.require_owner(stored, [t.member for t in trained])
+        for t in trained:
+            tx.require_owner(t.member, self.worker, known=stored)
         results: list[ResultRow] = []
         changes: dict[int, dict[str, Any]] = {}
         refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
-        t_now = now()
+        t_now = tx.now()
         for t in trained:
             for r in t.results:
                 pbt.report(t.member, r.step, r.score)
@@ -470,20 +455,20 @@ class Lifecycle:
             RunFailed: A configuration error, or more members failed for good than
                 ``max_failures`` allows; the run is marked failed in ``tx``.
         """
-        self.require_owner(stored, [member])
+        tx.require_owner(member, self.worker, known=stored)
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         row = stored[member]
         step = int(row.state["step"]) if step is None else step
         attempt = row.attempts + 1
-        tx.add_failure(FailureRow(member, step, attempt, text, now()))
+        tx.add_failure(FailureRow(member, step, attempt, text, tx.now()))
         if isinstance(exc, ConfigurationError):
             self._stop(tx, f"{exc}\n\n{text}")
         if attempt <= self.options.max_retries:
-            tx.put_members([self._held(row, attempt, keep_owner)])
+            tx.put_members([self._held(tx, row, attempt, keep_owner)])
             return "retry", None
         failed = sum(1 for r in stored.values() if r.state["status"] == "failed") + 1
         if failed - self.failed_before > self.budget:
-            tx.put_members([self._held(row, attempt, keep_owner)])
+            tx.put_members([self._held(tx, row, attempt, keep_owner)])
             self._stop(
                 tx,
                 f"Run {self.name!r} stopped: {failed - self.failed_before} members failed after "
@@ -499,7 +484,7 @@ class Lifecycle:
         if not keep_owner:
             changes[member].update({"owner": None, "heartbeat": None})
         else:
-            changes[new.member] = {"owner": self.worker, "heartbeat": now()}
+            changes[new.member] = {"owner": self.worker, "heartbeat": tx.now()}
         refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
         events = self._lineage(tx, pbt, batches, refs, changes, {new.member: "replace"})
         rows = member_rows(pbt, stored, changes)
@@ -508,10 +493,10 @@ class Lifecycle:
         decisions = [d for batch in batches for d in batch]
         return "replaced", Committed(decisions, rows)
 
-    def _held(self, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
+    def _held(self, tx: Transaction, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
         """The row after a failed attempt: still this worker's, or released for any worker."""
         if keep_owner:
-            return replace(row, attempts=attempts, owner=self.worker, heartbeat=now())
+            return replace(row, attempts=attempts, owner=self.worker, heartbeat=tx.now())
         return replace(row, attempts=attempts, owner=None, heartbeat=None)
 
     def _stop(self, tx: Transaction, message: str) -> None:
@@ -563,7 +548,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(Exception):  # a missed beat is retried
-                self.storage.heartbeat(self.name, self.worker, now())
+                self.storage.heartbeat(self.name, self.worker)  # on the storage's clock
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

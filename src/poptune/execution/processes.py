@@ -33,10 +33,9 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.lifecycle import (
@@ -46,6 +45,7 @@ from poptune.execution.lifecycle import (
     Trained,
     claim_order,
     committing,
+    deferred_interrupts,
     limit_threads,
     next_ready,
 )
@@ -55,10 +55,10 @@ from poptune.execution.session import (
     RunOptions,
     controller_from,
     new_worker_id,
-    now,
     owner_alive,
     release_held,
 )
+from poptune.storage import leases
 from poptune.storage.base import MemberRow, Storage, Transaction
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class _Worker:
         if not alive:
             tx.set_status("completed")
             return None
-        t = now()
+        t = tx.now()
         running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
         lag = self.options.max_lag or 2 * self.exp.interval
         limit = (min(running) + lag) if running else 0
@@ -175,9 +175,8 @@ class _Worker:
         if not free:
             return -1
         pick = min(free, key=lambda r: claim_order(r, self.exp.mode))
-        mine = replace(pick, owner=self.id, heartbeat=t)
-        tx.put_members([mine])
-        return mine
+        known = {r.id: r for r in rows}
+        return tx.claim(pick.id, self.id, self.options.heartbeat_timeout, known=known)
 
     def _work(self, row: MemberRow) -> MemberRow | int | None:
         """Trains a claimed member to its next ready point and commits; returns what `_claim`
@@ -215,8 +214,8 @@ class _Worker:
             return self._failed(mid, exc, step)
         with self._transaction() as tx:
             stored = {r.id: r for r in tx.members()}
-            if stored[mid].owner != self.id:
-                committed = None  # presumed dead meanwhile: the work is dropped
+            if stored[mid].owner != self.id:  # presumed dead meanwhile: the work is dropped
+                committed = None
             else:
                 info = tx.run()
                 pbt = controller_from(self.exp, info, stored.values())
@@ -282,10 +281,9 @@ def worker_main(spec: WorkerSpec, tag: str, threads: int = 1, started: Any = Non
 
 
 def _release_worker(storage: Storage, name: str, pid: int) -> None:
-    """Frees every member held by the worker process ``pid`` of this machine."""
-    prefix = f"{socket.gethostname()}:{pid}:"
-    with storage.transaction(name) as tx:
-        release_held(tx, lambda owner: owner.startswith(prefix))
+    """Frees every member held by the worker process ``pid`` of this machine (and namespace)."""
+    with deferred_interrupts(), storage.transaction(name) as tx:
+        tx.release_all(lambda owner: leases.from_local_process(owner, pid))
 
 
 def run_processes(

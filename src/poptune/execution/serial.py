@@ -37,11 +37,9 @@ from poptune.execution.session import (
     controller_from,
     member_rows,
     new_worker_id,
-    now,
-    owner_alive,
     release_held,
 )
-from poptune.storage.base import MemberRow, ResultRow, Storage, StorageError
+from poptune.storage.base import MemberBusy, MemberRow, ResultRow, Storage
 from poptune.trainable import Trainable
 
 if TYPE_CHECKING:
@@ -75,19 +73,18 @@ class _SerialRun:
         with deferred_interrupts(), self.storage.transaction(self.name) as tx:
             info = tx.run()
             rows = tx.members()
-            t = now()
+            known = {r.id: r for r in rows}
             for r in rows:
-                if r.owner not in (None, self.worker) and owner_alive(
-                    r.owner, r.heartbeat, self.options.heartbeat_timeout, t
-                ):
-                    raise StorageError(
-                        f"Run {self.name!r} is being trained by another worker ({r.owner}, "
-                        f"heartbeat {t - (r.heartbeat or t):.0f} s ago). Stop it first, or wait "
-                        f"{self.options.heartbeat_timeout:.0f} s after it died."
-                    )
+                try:
+                    tx.claim(r.id, self.worker, self.options.heartbeat_timeout, known=known)
+                except MemberBusy as e:
+                    raise MemberBusy(
+                        f"Run {self.name!r} is being trained by another worker: {e} Stop it "
+                        f"first, or wait {self.options.heartbeat_timeout:.0f} s after it died."
+                    ) from None
             pbt = controller_from(self.exp, info, rows)
-            mine = {"owner": self.worker, "heartbeat": t}
-            claimed = member_rows(pbt, {r.id: r for r in rows}, {r.id: mine for r in rows})
+            mine = {"owner": self.worker, "heartbeat": tx.now()}
+            claimed = member_rows(pbt, known, {r.id: mine for r in rows})
             tx.put_members(claimed)
             tx.set_status("running")
         self.rows = {r.id: r for r in claimed}

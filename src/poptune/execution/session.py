@@ -7,15 +7,13 @@ import json
 import math
 import numbers
 import os
-import socket
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from poptune.controller import PBT
 from poptune.result import Event, HistoryRecord, MemberRecord, Result
+from poptune.storage import leases
 from poptune.storage.base import (
     MemberRow,
     RunInfo,
@@ -192,24 +190,13 @@ def fingerprint(config: Mapping[str, Any]) -> str:
 
 
 def new_worker_id() -> str:
-    """``host:pid:random``: tells who holds a member, and lets the same host see it died."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A new worker id for this process (`poptune.storage.leases.new_worker_id`)."""
+    return leases.new_worker_id()
 
 
 def owner_alive(owner: str | None, heartbeat: float | None, timeout: float, now: float) -> bool:
-    """Whether a member's owner may still be working on it."""
-    if owner is None:
-        return False
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host == socket.gethostname() and pid_text.isdigit():
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            return False  # a process of this machine that no longer exists
-        except PermissionError:
-            pass
-    return heartbeat is not None and now - heartbeat < timeout
+    """Whether a member's owner may still be working on it (`poptune.storage.leases`)."""
+    return leases.owner_alive(owner, heartbeat, timeout, now)
 
 
 def member_rows(
@@ -393,7 +380,3 @@ def load_result(storage: Storage, name: str) -> Result:
         ],
         events=[Event.from_dict(e) for e in storage.events(name)],
     )
-
-
-def now() -> float:
-    return time.time()

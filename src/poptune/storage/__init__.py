@@ -8,6 +8,8 @@ import re
 from poptune.storage.base import (
     CheckpointRow,
     FailureRow,
+    LeaseLost,
+    MemberBusy,
     MemberRow,
     ResultRow,
     RunExists,
@@ -32,6 +34,8 @@ __all__ = [
     "CheckpointStore",
     "FailureRow",
     "InMemoryStorage",
+    "LeaseLost",
+    "MemberBusy",
     "MemberRow",
     "MemoryCheckpointStore",
     "ResultRow",

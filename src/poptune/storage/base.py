@@ -9,7 +9,9 @@ A storage holds runs. For each run it keeps:
   step, last ready point, latest score and score window, status, decision count), plus who holds
   it (``owner``), the owner's last ``heartbeat``, its current checkpoint (location and step) and
   how many attempts in a row have failed;
-* **results**: every reported step of every member, in commit order;
+* **results**: every reported step of every member, in commit order, each with the lineage
+  ``segment`` it belongs to (the index of the event that began that stretch of the member's life;
+  None for its initial stretch);
 * **events**: the lineage, every exploit/explore/replace, numbered 0, 1, 2... per run;
 * **checkpoints**: every checkpoint file written (member, step, location, size);
 * **failures**: every exception raised by user code, with its traceback.
@@ -22,15 +24,35 @@ Rules (every backend obeys them, and the conformance suite in ``tests/storage`` 
    the ``with`` block rolls everything back). Decisions, claims, results, events and
    checkpoint references are written together, so a crash never leaves a checkpoint row
    without its results or an event without its member update.
-2. A member is trained only by the worker named in its ``owner`` field. A worker claims a
-   member inside a transaction (so two workers never claim the same one) and every later write
-   for that member checks it still owns it. A member whose owner's heartbeat is older than the
-   run's timeout may be claimed by another worker; the old owner's writes are then refused.
-3. `Storage.heartbeat` is the only write outside a transaction: it touches only the
+2. **Leases.** A member is trained only by the worker its ``owner`` field names (a worker id,
+   see `poptune.storage.leases`); its ``heartbeat`` is when that worker last showed it was
+   alive, on the storage's clock (rule 3). Leases change hands through the `Transaction`
+   methods, which are the same for every backend:
+
+   * `Transaction.claim` makes the caller the owner, with a fresh heartbeat, when the member is
+     free, already the caller's, or held by an owner that may no longer be working on it
+     (`poptune.storage.leases.owner_alive`: its heartbeat is ``timeout`` seconds old or older on
+     the storage's clock, or it is a process of this host and PID namespace that has exited,
+     zombies included). Otherwise it raises `MemberBusy` and changes nothing. Claims are made
+     inside the exclusive transaction, so two workers never hold one member at once.
+   * `Transaction.require_owner` raises `LeaseLost` unless the caller still holds the member.
+     A worker calls it in the same transaction as every write it makes for a member it trained:
+     a worker presumed dead whose member was claimed by another then has its late commit
+     refused, and the exception rolls back everything it tried to write with it (rule 1).
+     A lease whose heartbeat has expired but that nobody has claimed is still held.
+   * `Transaction.release` and `Transaction.release_all` free the members an owner holds.
+
+   `Transaction.put_members` writes rows as given, owners included: it is how the leases above
+   are stored, and callers use it only for members they hold or that are free.
+3. **One clock.** Heartbeats and lease ages are measured on the storage's clock, never compared
+   across hosts: `Storage.now` and `Transaction.now` read it (PostgreSQL: the server's clock;
+   SQLite and memory: this machine's, the only one that can open them), and `Storage.heartbeat`
+   without ``now`` writes it (on PostgreSQL the server computes it in the update).
+4. `Storage.heartbeat` is the only write outside a transaction: it touches only the
    ``heartbeat`` field of rows the caller owns.
-4. Reads outside a transaction return snapshots (plain immutable records): they never change
+5. Reads outside a transaction return snapshots (plain immutable records): they never change
    under the caller.
-5. Storage objects are safe to use from several threads of one process; each process opens its
+6. Storage objects are safe to use from several threads of one process; each process opens its
    own (``open_storage(url)``). Nothing here is shared across processes but the database.
 """
 
@@ -38,13 +60,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from poptune.storage.leases import owner_alive
 
 __all__ = [
     "CheckpointRow",
     "FailureRow",
+    "LeaseLost",
+    "MemberBusy",
     "MemberRow",
     "ResultRow",
     "RunExists",
@@ -54,15 +80,25 @@ __all__ = [
     "Transaction",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StorageError(RuntimeError):
-    """A storage cannot be used: unreachable, wrong schema, or not a poptune database."""
+    """A storage cannot be used (unreachable, wrong schema, not a poptune database), or refused
+    a write that breaks its rules; the base of every storage error."""
 
 
 class RunExists(StorageError):
     """A run with that name already exists."""
+
+
+class MemberBusy(StorageError):
+    """A member cannot be claimed: another worker holds it and may still be working on it."""
+
+
+class LeaseLost(StorageError):
+    """A worker no longer holds a member it wrote for: it was presumed dead and the member
+    was claimed by another worker (or freed)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +136,17 @@ class MemberRow:
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One reported step of one member."""
+    """One reported step of one member.
+
+    Attributes:
+        member: The member's id.
+        step: Its step after this report.
+        score: The score read from the metrics (NaN when missing).
+        metrics: What the member's ``step()`` returned.
+        segment: The index of the lineage event (exploit, explore or replace of this member)
+            that began the stretch of its life this step belongs to; None for its initial
+            stretch, before any event.
+    """
 
     member: int
     step: int
@@ -183,6 +229,109 @@ class Transaction(abc.ABC):
     def add_failure(self, failure: FailureRow) -> None:
         """Records an exception raised by user code."""
 
+    @abc.abstractmethod
+    def now(self) -> float:
+        """Seconds since the epoch on the storage's clock (see `Storage.now`); a backend may
+        read it once per transaction."""
+
+    # -- leases (rule 2): written once here, in terms of the methods above -------------------
+
+    def _member_row(self, member: int, known: Mapping[int, MemberRow] | None = None) -> MemberRow:
+        if known is not None and member in known:
+            return known[member]
+        for row in self.members():
+            if row.id == member:
+                return row
+        raise StorageError(
+            f"Run {self.run().name!r} has no member {member}; its members are "
+            f"{[r.id for r in self.members()]}."
+        )
+
+    def claim(
+        self,
+        member: int,
+        owner: str,
+        timeout: float,
+        *,
+        known: Mapping[int, MemberRow] | None = None,
+    ) -> MemberRow:
+        """Makes ``owner`` the holder of ``member``, its heartbeat the storage's clock now.
+
+        Args:
+            member: The member's id.
+            owner: The claiming worker's id (`poptune.storage.leases.new_worker_id`).
+            timeout: Seconds without a heartbeat after which a holder is presumed dead.
+            known: The run's member rows as already read in this transaction (by id), so
+                they are not read again.
+
+        Returns:
+            The member's row as claimed.
+
+        Raises:
+            MemberBusy: Another owner holds it and may still be working on it
+                (`poptune.storage.leases.owner_alive`). Nothing is written.
+            StorageError: The run has no such member.
+        """
+        if not owner:
+            raise ValueError(f"`owner` must be a non-empty worker id, but got {owner!r}.")
+        if not timeout > 0:
+            raise ValueError(f"`timeout > 0` must hold, but got {timeout!r}.")
+        row = self._member_row(member, known)
+        now = self.now()
+        if row.owner not in (None, owner) and owner_alive(row.owner, row.heartbeat, timeout, now):
+            age = (
+                "no heartbeat"
+                if row.heartbeat is None
+                else f"heartbeat {now - row.heartbeat:.1f} s ago"
+            )
+            raise MemberBusy(
+                f"Member {member} of run {self.run().name!r} is held by {row.owner} ({age}, "
+                f"timeout {timeout:g} s), which may still be training it; {owner} cannot claim it."
+            )
+        claimed = replace(row, owner=owner, heartbeat=now)
+        self.put_members([claimed])
+        return claimed
+
+    def require_owner(
+        self, member: int, owner: str, *, known: Mapping[int, MemberRow] | None = None
+    ) -> MemberRow:
+        """The member's row, if ``owner`` holds it (``known``: as for `claim`).
+
+        Raises:
+            LeaseLost: Another worker (or nobody) holds it now: ``owner`` was presumed dead,
+                and whatever it meant to write for the member must not be written.
+            StorageError: The run has no such member.
+        """
+        row = self._member_row(member, known)
+        if row.owner != owner:
+            holder = "nobody" if row.owner is None else row.owner
+            raise LeaseLost(
+                f"Member {member} of run {self.run().name!r} must be held by {owner} to write "
+                f"for it, but {holder} holds it: {owner} was presumed dead (no heartbeat within "
+                "the timeout, or its process had exited) and its work on the member is dropped."
+            )
+        return row
+
+    def release(self, member: int, owner: str) -> None:
+        """Frees ``member`` if ``owner`` holds it (no owner, no heartbeat); else does nothing.
+
+        Raises:
+            StorageError: The run has no such member.
+        """
+        row = self._member_row(member)
+        if row.owner == owner:
+            self.put_members([replace(row, owner=None, heartbeat=None)])
+
+    def release_all(self, owner_matches: Callable[[str], bool]) -> list[int]:
+        """Frees every member whose owner ``owner_matches``; returns their ids, ascending."""
+        freed = [
+            replace(r, owner=None, heartbeat=None)
+            for r in self.members()
+            if r.owner is not None and owner_matches(r.owner)
+        ]
+        self.put_members(freed)
+        return sorted(r.id for r in freed)
+
 
 class Storage(abc.ABC):
     """Where runs live. See the module docstring for the rules every backend keeps."""
@@ -231,8 +380,23 @@ class Storage(abc.ABC):
         """An exclusive, atomic transaction on one run's population."""
 
     @abc.abstractmethod
-    def heartbeat(self, name: str, owner: str, now: float) -> int:
-        """Refreshes the heartbeat of every member ``owner`` holds; returns how many."""
+    def heartbeat(self, name: str, owner: str, now: float | None = None) -> int:
+        """Refreshes the heartbeat of every member ``owner`` holds; returns how many.
+
+        Args:
+            name: The run.
+            owner: The worker id whose members are refreshed.
+            now: The time to write. None (the default, and the right choice for workers):
+                the storage's clock (`Storage.now`), so that hosts with different clocks agree.
+        """
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """Seconds since the epoch on the storage's clock, the one heartbeats are kept on.
+
+        PostgreSQL: the server's clock (every host that shares the database reads the same
+        one); SQLite and memory: this machine's, the only machine that can open them.
+        """
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class _MemoryTransaction(Transaction):
         self._deleted: set[str] = set()
         self._failures: list[FailureRow] = []
         self._info = run.info
+        self._now: float | None = None
 
     def run(self) -> RunInfo:
         return _copy_info(self._info)
@@ -115,6 +116,11 @@ class _MemoryTransaction(Transaction):
 
     def add_failure(self, failure: FailureRow) -> None:
         self._failures.append(failure)
+
+    def now(self) -> float:
+        if self._now is None:
+            self._now = self._storage.now()
+        return self._now
 
     def _apply(self) -> None:
         run = self._run
@@ -218,15 +224,20 @@ class InMemoryStorage(Storage):
             yield tx
             tx._apply()
 
-    def heartbeat(self, name: str, owner: str, now: float) -> int:
+    def heartbeat(self, name: str, owner: str, now: float | None = None) -> int:
         with self._lock:
             run = self._get(name)
+            if now is None:
+                now = self.now()
             count = 0
             for mid, row in run.members.items():
                 if row.owner == owner:
                     run.members[mid] = replace(row, heartbeat=now)
                     count += 1
             return count
+
+    def now(self) -> float:
+        return time.time()  # only this process can open an in-memory storage
 
     def members(self, name: str) -> list[MemberRow]:
         with self._lock:

@@ -2,8 +2,9 @@
 
 The schema is versioned in ``poptune_meta``. A database written by an older poptune is migrated
 when a migration exists, and refused otherwise; one written by a newer poptune is refused. In
-both cases the message says what to do. Every table is prefixed ``poptune_`` so a run may share a
-database with other applications.
+both cases the message says what to do. Versions: 1, the first; 2 adds the lineage ``segment``
+of each result (`MIGRATIONS` adds the column; older results read as None). Every table is
+prefixed ``poptune_`` so a run may share a database with other applications.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ results_table = sa.Table(
     sa.Column("step", sa.BigInteger, nullable=False),
     sa.Column("score", _ExactFloat),
     sa.Column("metrics", _JSON, nullable=False),
+    # Schema version 2: the lineage segment of the step (see `ResultRow.segment`).
+    sa.Column("segment", sa.Integer),
     sa.Index("ix_poptune_results_run", "run_id", "id"),
 )
 events_table = sa.Table(
@@ -149,8 +152,19 @@ failures_table = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
 )
 
+
+def _add_result_segments(conn: Connection) -> None:
+    """1 -> 2: results record their lineage segment; those written before read as None."""
+    conn.execute(sa.text("ALTER TABLE poptune_results ADD COLUMN segment INTEGER"))
+
+
 #: Migrations from schema version N to N + 1, applied in order inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_result_segments}
+
+
+def _server_clock() -> sa.ColumnElement[float]:
+    """PostgreSQL's clock now, in seconds since the epoch (not the transaction's start time)."""
+    return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -190,14 +204,20 @@ def _scrub(text: str, url: sa.URL) -> str:
 
 
 class _SQLTransaction(Transaction):
-    def __init__(self, conn: Connection, run_id: int, row: Any) -> None:
-        self._conn, self._run_id, self._row = conn, run_id, row
+    def __init__(self, storage: SQLStorage, conn: Connection, run_id: int, row: Any) -> None:
+        self._storage, self._conn, self._run_id, self._row = storage, conn, run_id, row
         self._info: RunInfo | None = None
+        self._now: float | None = None
 
     def run(self) -> RunInfo:
         if self._info is None:
             self._info = _run_info(self._row)
         return self._info
+
+    def now(self) -> float:
+        if self._now is None:
+            self._now = self._storage._clock(self._conn)
+        return self._now
 
     def members(self) -> list[MemberRow]:
         return _read_members(self._conn, self._run_id)
@@ -261,6 +281,7 @@ class _SQLTransaction(Transaction):
                         "step": r.step,
                         "score": r.score,
                         "metrics": dict(r.metrics),
+                        "segment": r.segment,
                     }
                     for r in rows
                 ],
@@ -611,9 +632,20 @@ class SQLStorage(Storage):
     def transaction(self, name: str) -> Iterator[Transaction]:
         with self._write() as conn:
             row = self._run_row(conn, name, lock=True)
-            yield _SQLTransaction(conn, int(row.id), row)
+            yield _SQLTransaction(self, conn, int(row.id), row)
 
-    def heartbeat(self, name: str, owner: str, now: float) -> int:
+    def _clock(self, conn: Connection) -> float:
+        if self.dialect == "postgresql":
+            return float(conn.execute(sa.select(_server_clock())).scalar_one())
+        return time.time()  # SQLite: only this machine can open the file
+
+    def now(self) -> float:
+        if self.dialect != "postgresql":
+            return time.time()
+        with self.engine.connect() as conn:
+            return self._clock(conn)
+
+    def heartbeat(self, name: str, owner: str, now: float | None = None) -> int:
         m = members_table
         with self._write() as conn:
             # The run row first, as every transaction does: rows are always locked in the same
@@ -625,8 +657,13 @@ class SQLStorage(Storage):
             ).first()
             if row is None:
                 return 0
+            beat: float | sa.ColumnElement[float] = (
+                now
+                if now is not None
+                else (_server_clock() if self.dialect == "postgresql" else time.time())
+            )
             res = conn.execute(
-                sa.update(m).where(m.c.run_id == row[0], m.c.owner == owner).values(heartbeat=now)
+                sa.update(m).where(m.c.run_id == row[0], m.c.owner == owner).values(heartbeat=beat)
             )
             return int(res.rowcount or 0)
 
@@ -643,12 +680,18 @@ class SQLStorage(Storage):
         def read(conn: Connection, run_id: int) -> list[ResultRow]:
             r = results_table
             rows = conn.execute(
-                sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics)
+                sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics, r.c.segment)
                 .where(r.c.run_id == run_id)
                 .order_by(r.c.id)
             )
             return [
-                ResultRow(x.member, x.step, math.nan if x.score is None else x.score, x.metrics)
+                ResultRow(
+                    x.member,
+                    x.step,
+                    math.nan if x.score is None else x.score,
+                    x.metrics,
+                    x.segment,
+                )
                 for x in rows
             ]
 
