@@ -48,8 +48,13 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
         if copies:
             e = copies[-1]
             assert e.donor is not None and e.donor_step is not None
-            return value(e.donor, e.donor_step, _barrier(e) if synchronous else e.index)
+            return value(e.donor, e.donor_step, _before(e))
         return scores[(member, step)]
+
+    def _before(e: pt.Event) -> int:
+        """Which of the donor's events had taken effect when ``e`` copied it: all earlier
+        ones, except that a synchronous generation's decisions all see the barrier's states."""
+        return _barrier(e) if synchronous and e.kind != "replace" else e.index
 
     def _barrier(e: pt.Event) -> int:
         """Synchronous donors are taken before any decision of the generation."""
@@ -78,7 +83,7 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
                     expected = base + a
                 else:
                     assert e.donor_step is not None and h.step == e.donor_step + 1
-                    base = value(e.donor, e.donor_step, _barrier(e) if synchronous else e.index)
+                    base = value(e.donor, e.donor_step, _before(e))
                     expected = base + a
                     followed += 1
             assert h.score == expected, (member, h.step, h.segment, h.score, expected)
