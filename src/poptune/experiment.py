@@ -195,7 +195,7 @@ class Experiment:
         storage: str | Storage | None = None,
         name: str | None = None,
         *,
-        workers: int = 1,
+        workers: int | None = None,
         executor: str | None = None,
         resume: bool = False,
         checkpoints: str | None = None,
@@ -214,10 +214,13 @@ class Experiment:
         Args:
             storage: Where the run is recorded; None for memory.
             name: The run's name (letters, digits, ``-``, ``_``, ``.``); ``"run"`` by default.
-            workers: Worker processes; more than one means ``executor="processes"``.
-            executor: ``"serial"`` (this process) or ``"processes"``.
-            resume: Resume a run of that name even if its configuration differs (its
-                population size and hyperparameter names must match).
+            workers: Worker processes; more than one means ``executor="processes"``. None:
+                as the run was last executed (a resumed run keeps its workers), else 1.
+            executor: ``"serial"`` (this process) or ``"processes"``; None: as the run was
+                last executed, else by ``workers``.
+            resume: Resume a run of that name even if its configuration differs (see
+                `poptune.execution.session.prepare_run` for what may change; each accepted
+                change is logged and recorded with the run).
             checkpoints: Directory or fsspec URL for checkpoint files (the run's go in
                 ``checkpoints/NAME``). By default beside a SQLite file (``runs.db`` ->
                 ``runs-checkpoints/``), else ``./poptune-checkpoints/<hash of the storage>/``;
@@ -231,7 +234,10 @@ class Experiment:
             poptune.ConfigMismatch: The run exists with another configuration.
             poptune.storage.StorageError: The storage cannot be used, or the checkpoint folder
                 belongs to another run.
-            poptune.RunFailed: Too many failures in user code.
+            poptune.RunFailed: Too many members failed for good, or user code is configured
+                wrongly (a metric step() never returns).
+            poptune.RunInterrupted: The run stopped before it completed (its workers stopped
+                or could not start); resume it by running it again.
             KeyboardInterrupt: On Ctrl-C, after everything committed has been flushed and
                 the run marked interrupted (resume it later).
         """

@@ -204,3 +204,51 @@ def test_all_nan_scores_warn_that_no_member_could_be_compared() -> None:
     exp = pt.Experiment(Blind, {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=4, interval=2)
     with pytest.warns(RuntimeWarning, match="every score .* NaN or infinite"):
         exp.run()
+
+
+@pytest.mark.slow
+def test_resume_reuses_how_the_run_was_executed(env: Any, tmp_path: Path) -> None:
+    """A run started with 2 worker processes is resumed with 2 worker processes unless told
+    otherwise (resume used to start 1 worker, whatever the run was started with)."""
+    env(steps=20, delay=0.001)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    experiment().run(url, "r", workers=2, source=SOURCE)
+    env(steps=40)
+    longer = experiment()
+    result = longer.run(url, "r", resume=True, source=SOURCE)
+    pids = {h.metrics["pid"] for h in result.history if h.step > 20}
+    assert len(pids) == 2 and float(os.getpid()) not in pids
+    info = open_storage(url).get_run("r")
+    assert (info.execution["executor"], info.execution["workers"]) == ("processes", 2)
+    # Told otherwise: serial from now on, and remembered.
+    env(steps=50)
+    result = experiment().run(url, "r", resume=True, workers=1, source=SOURCE)
+    assert {h.metrics["pid"] for h in result.history if h.step > 40} == {float(os.getpid())}
+    assert open_storage(url).get_run("r").execution["workers"] == 1
+
+
+def test_resume_says_and_records_the_changes_it_accepts(
+    env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resuming with an edited configuration logs what changed and keeps a record of it."""
+    url = f"sqlite:///{tmp_path}/runs.db"
+    env(steps=10)
+    experiment().run(url, "r")
+    env(steps=20, interval=4)
+    with caplog.at_level("WARNING", logger="poptune"):
+        experiment().run(url, "r", resume=True)
+    assert "steps 10 -> 20" in caplog.text and "interval 5 -> 4" in caplog.text
+    changes = open_storage(url).get_run("r").execution["changes"]
+    assert [c["changed"] for c in changes] == [{"interval": [5, 4], "steps": [10, 20]}]
+
+
+@pytest.mark.parametrize("change", [{"metric": "x"}, {"mode": "min"}, {"population_size": 5}])
+def test_resume_refuses_changes_that_would_change_what_history_means(
+    env: Any, tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """The metric, the mode and the population size cannot change on resume."""
+    url = f"sqlite:///{tmp_path}/runs.db"
+    env(steps=10)
+    experiment().run(url, "r")
+    with pytest.raises(pt.ConfigMismatch, match=next(iter(change))):
+        experiment().replace(**change).run(url, "r", resume=True)

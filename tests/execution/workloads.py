@@ -142,6 +142,7 @@ class Counter(pt.Trainable):
                 "taken": float(self.steps),
                 "live": float(Counter.live),
                 "omp": float(os.environ.get("OMP_NUM_THREADS", "0")),
+                "pid": float(os.getpid()),
             }
         finally:
             if lock is not None:

@@ -62,9 +62,10 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=_positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="worker processes (default 1; more than one means --executor processes)",
+        help="worker processes (default: as the run was last executed, else 1; more than one "
+        "means --executor processes)",
     )
     p.add_argument(
         "--executor",

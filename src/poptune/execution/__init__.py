@@ -43,7 +43,7 @@ def execute(
     storage: str | Storage | None = None,
     name: str | None = None,
     *,
-    workers: int = 1,
+    workers: int | None = None,
     executor: str | None = None,
     resume: bool = False,
     checkpoints: str | None = None,
@@ -62,19 +62,20 @@ def execute(
     from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
     from poptune.storage.memory import MemoryCheckpointStore
 
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
         raise ValueError(f"`workers >= 1` must hold for an integer, but got workers={workers!r}.")
-    if executor is None:
-        executor = "processes" if workers > 1 else "serial"
-    if executor not in EXECUTORS:
+    if executor is not None and executor not in EXECUTORS:
         raise ValueError(f"`executor` must be one of {EXECUTORS}, but got {executor!r}.")
-    if executor == "serial" and workers != 1:
-        raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
     options = options or RunOptions()
     # Normalised once: worker processes reopen this very URL.
     url = storage_url(storage) if isinstance(storage, str) else None
     store = open_storage(url if url is not None else storage)
     in_memory = store.display_url.startswith("memory://")
+    name = name or "run"
+    existing = store.get_run(name)
+    workers, executor = _how(existing.execution if existing else {}, workers, executor)
     if in_memory and executor == "processes":
         raise ValueError(
             "executor='processes' needs a storage that worker processes share: pass "
@@ -85,8 +86,6 @@ def execute(
             "executor='processes' needs the storage as a URL string, to open it in "
             "each worker process."
         )
-    name = name or "run"
-    existing = store.get_run(name)
     root: str | None = None
     where = url or store.display_url
     if not in_memory:
@@ -98,6 +97,10 @@ def execute(
     info = prepare_run(experiment, store, name, resume=resume, source=source, checkpoint_root=root)
     if root is not None:
         claim_checkpoint_folder(root, name, where, info.created)
+    if not in_memory:
+        store.update_run(
+            name, execution={**info.execution, "executor": executor, "workers": workers}
+        )
     if info.status != "completed":
         if in_memory:
             ckpt: Any = MemoryCheckpointStore()
@@ -126,6 +129,20 @@ def execute(
     result = load_result(store, name)
     _warn_if_unscored(result)
     return result
+
+
+def _how(stored: Any, workers: int | None, executor: str | None) -> tuple[int, str]:
+    """Workers and executor: as given; what is not given, as the run was executed before
+    (when resuming), else one worker in this process."""
+    if workers is None and executor is None:
+        workers, executor = stored.get("workers"), stored.get("executor")
+    if workers is None:
+        workers = 1 if executor in (None, "serial") else int(stored.get("workers") or 2)
+    if executor is None:
+        executor = "processes" if workers > 1 else "serial"
+    if executor == "serial" and workers != 1:
+        raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
+    return int(workers), str(executor)
 
 
 class UnscoredRunWarning(RuntimeWarning):

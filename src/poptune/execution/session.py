@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import numbers
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +42,9 @@ __all__ = [
     "prepare_run",
     "retention",
 ]
+
+
+_log = logging.getLogger("poptune")
 
 
 class ConfigMismatch(StorageError):
@@ -275,8 +280,12 @@ def prepare_run(
     """Creates the run, or checks that an existing one may be resumed with this experiment.
 
     An existing run with the same configuration is resumed. One with a different configuration
-    is refused unless ``resume`` is true; even then the population size and the names of the
-    hyperparameters must match (a different ``steps`` is how a run is extended).
+    is refused unless ``resume`` is true. Resuming accepts changes to how the search goes on
+    (``steps``, which is how a run is extended; ``interval``, ``burn_in``, exploit and explore
+    strategies, bounds of the hyperparameters, ``synchronous``, ``seed``), says so in a
+    warning on the ``poptune`` logger, and keeps a record of each in the run's ``execution``
+    record (``changes``). It refuses changes that would make the stored history mean
+    something else: the population size, the hyperparameter names, the metric and the mode.
     """
     from poptune.storage.checkpoints import check_run_name
 
@@ -304,15 +313,24 @@ def prepare_run(
                 f"({diff}). Choose another name, or resume it with this configuration "
                 "(--resume / resume=True)."
             )
-        stored_space = sorted(info.config.get("space", {}))
-        if info.config.get("population_size") != config[
-            "population_size"
-        ] or stored_space != sorted(config["space"]):
+        fixed = [
+            k
+            for k in ("population_size", "metric", "mode")
+            if info.config.get(k) != config.get(k)
+        ]
+        if sorted(info.config.get("space", {})) != sorted(config["space"]):
+            fixed.append("hyperparameter names")
+        if fixed:
             raise ConfigMismatch(
-                f"Run {name!r} cannot be resumed with this experiment: the population size or "
-                f"the hyperparameter names differ ({diff})."
+                f"Run {name!r} cannot be resumed with this experiment: {', '.join(fixed)} "
+                f"differ, which would change what its history means ({diff}). Start a new run "
+                "(another name) instead."
             )
-        storage.update_run(name, config=config, fingerprint=fp, source=source)
+        changes = accepted_changes(info.config, config)
+        record = dict(info.execution)
+        record["changes"] = [*record.get("changes", []), {"time": time.time(), **changes}]
+        storage.update_run(name, config=config, fingerprint=fp, source=source, execution=record)
+        _log.warning("Resuming run %r with a changed configuration: %s", name, describe(changes))
         if info.status == "completed":
             with storage.transaction(name) as tx:
                 _reopen_finished(experiment, tx)
@@ -320,6 +338,29 @@ def prepare_run(
     elif source is not None and info.source != source:
         storage.update_run(name, source=source)
     return info
+
+
+#: Configuration keys derived from others (a different seed or space draws another initial
+#: population): not reported as changes of their own.
+_DERIVED = ("initial_population",)
+
+
+def accepted_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What resuming with ``new`` changes in a run configured with ``old``: ``{"changed":
+    {key: [old, new]}}``, recorded with the run."""
+    keys = sorted((set(old) | set(new)) - set(_DERIVED))
+    return {"changed": {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}}
+
+
+def describe(changes: Mapping[str, Any]) -> str:
+    """One line for a record of `accepted_changes`: ``steps 40 -> 80; interval 4 -> 5``."""
+    parts = []
+    for key, (before, after) in changes.get("changed", {}).items():
+        if isinstance(before, (dict, list)) or isinstance(after, (dict, list)):
+            parts.append(f"{key} changed")
+        else:
+            parts.append(f"{key} {before!r} -> {after!r}")
+    return "; ".join(parts) or "no visible change"
 
 
 def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:

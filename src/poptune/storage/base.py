@@ -116,6 +116,7 @@ class RunInfo:
     error: str | None = None
     generation: int = 0
     pending: Mapping[str, Any] = field(default_factory=dict)
+    execution: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -372,8 +373,10 @@ class Storage(abc.ABC):
         source: str | None = None,
         status: str | None = None,
         error: str | None = None,
+        execution: Mapping[str, Any] | None = None,
     ) -> None:
-        """Changes fields of a run's record (those given)."""
+        """Changes fields of a run's record (those given). ``execution``: how the run is executed
+        (executor, workers, devices) and the configuration changes accepted on resume; JSON."""
 
     @abc.abstractmethod
     def transaction(self, name: str) -> contextlib.AbstractContextManager[Transaction]:

@@ -52,7 +52,10 @@ def _freeze_member(row: MemberRow) -> MemberRow:
 # mutates a dict it passed in or got back never changes what the storage holds.
 def _copy_info(info: RunInfo) -> RunInfo:
     return replace(
-        info, config=copy.deepcopy(dict(info.config)), pending=copy.deepcopy(dict(info.pending))
+        info,
+        config=copy.deepcopy(dict(info.config)),
+        pending=copy.deepcopy(dict(info.pending)),
+        execution=copy.deepcopy(dict(info.execution)),
     )
 
 
@@ -202,6 +205,7 @@ class InMemoryStorage(Storage):
         source: str | None = None,
         status: str | None = None,
         error: str | None = None,
+        execution: Mapping[str, Any] | None = None,
     ) -> None:
         with self._lock:
             run = self._get(name)
@@ -212,6 +216,8 @@ class InMemoryStorage(Storage):
                 changes["fingerprint"] = fingerprint
             if source is not None:
                 changes["source"] = source
+            if execution is not None:
+                changes["execution"] = copy.deepcopy(dict(execution))
             if status is not None:
                 changes["status"] = status
                 changes["error"] = error

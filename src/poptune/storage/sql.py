@@ -83,6 +83,7 @@ runs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("generation", sa.Integer, nullable=False, default=0),
     sa.Column("pending", _JSON, nullable=False),
+    sa.Column("execution", _JSON),
     sa.Column("event_count", sa.Integer, nullable=False, default=0),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
@@ -154,8 +155,10 @@ failures_table = sa.Table(
 
 
 def _add_result_segments(conn: Connection) -> None:
-    """1 -> 2: results record their lineage segment; those written before read as None."""
+    """1 -> 2: results record their lineage segment (those written before read as None);
+    runs record how they were executed and the configuration changes accepted on resume."""
     conn.execute(sa.text("ALTER TABLE poptune_results ADD COLUMN segment INTEGER"))
+    conn.execute(sa.text("ALTER TABLE poptune_runs ADD COLUMN execution TEXT"))
 
 
 #: Migrations from schema version N to N + 1, applied in order inside one transaction.
@@ -411,6 +414,7 @@ def _run_info(r: Any) -> RunInfo:
         error=r.error,
         generation=r.generation,
         pending=r.pending or {},
+        execution=r.execution or {},
     )
 
 
@@ -614,6 +618,7 @@ class SQLStorage(Storage):
         source: str | None = None,
         status: str | None = None,
         error: str | None = None,
+        execution: Mapping[str, Any] | None = None,
     ) -> None:
         values: dict[str, Any] = {"updated": time.time()}
         if config is not None:
@@ -622,6 +627,8 @@ class SQLStorage(Storage):
             values["fingerprint"] = fingerprint
         if source is not None:
             values["source"] = source
+        if execution is not None:
+            values["execution"] = dict(execution)
         if status is not None:
             values["status"], values["error"] = status, error
         with self._write() as conn:
