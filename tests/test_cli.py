@@ -173,8 +173,24 @@ def test_export_csv_writes_three_tables(toy: Any) -> None:
     assert proc.returncode == 0, proc.stderr
     result = pt.load(f"sqlite:///{folder / 'poptune.db'}", "toy_quadratic")
     history = read_csv(folder / "outdir" / "history.csv")
-    assert history[0] == ["member", "step", "score", "Q", "theta0", "theta1"]
+    assert history[0] == [
+        "member",
+        "step",
+        "segment",
+        "score",
+        "Q",
+        "theta0",
+        "theta1",
+        "hp.h0",
+        "hp.h1",
+    ]
     assert len(history) == 1 + 400
+    # Each row names its stretch of life and the hyperparameters it was trained with.
+    for row, record in zip(history[1:], result.history, strict=True):
+        assert row[2] == ("" if record.segment is None else str(record.segment))
+        hp = result.hparams_at(record)
+        assert [float(row[7]), float(row[8])] == [hp["h0"], hp["h1"]]
+    assert any(r.segment is not None for r in result.history)
     events = read_csv(folder / "outdir" / "events.csv")
     assert events[0] == [
         "index",

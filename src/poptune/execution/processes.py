@@ -257,7 +257,9 @@ class _Stopping(Exception):
     """The coordinator asked this worker to stop (SIGTERM): the stretch is dropped."""
 
 
-def worker_main(spec: WorkerSpec, tag: str, threads: int = 1, started: Any = None) -> None:
+def worker_main(
+    spec: WorkerSpec, tag: str, threads: int = 1, started: Any = None, errors: Any = None
+) -> None:
     """Entry point of a worker process. Its id is ``host:pid:...-tag``, with its own pid.
 
     SIGINT is ignored (Ctrl-C in a terminal reaches every process of the group; the
@@ -265,11 +267,16 @@ def worker_main(spec: WorkerSpec, tag: str, threads: int = 1, started: Any = Non
     exception ever lands inside a storage call.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if started is not None:
-        started.set()
     limit_threads(threads)
     worker_id = f"{new_worker_id()}-{tag}"
-    worker = _Worker(spec, worker_id)
+    try:
+        worker = _Worker(spec, worker_id)
+    except BaseException as exc:
+        if errors is not None:
+            errors.put(f"{type(exc).__name__}: {exc}")
+        raise
+    if started is not None:
+        started.set()
     limit_threads(threads)  # again: the experiment's module may have imported torch
 
     def _terminate(signum: int, frame: Any) -> None:
@@ -321,6 +328,7 @@ def run_processes(
     threads = options.threads_per_worker(workers)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()  # why a worker could not start, when it can say
     procs: dict[int, tuple[Any, Any]] = {}
     restarts, max_restarts = 0, max(4, 2 * workers)
     count, never_started = 0, 0
@@ -332,7 +340,7 @@ def run_processes(
         started = ctx.Event()
         p = ctx.Process(
             target=worker_main,
-            args=(spec, tag, threads, started),
+            args=(spec, tag, threads, started, errors),
             name=f"poptune-{tag}",
             daemon=False,
         )
@@ -358,7 +366,13 @@ def run_processes(
                     if never_started >= workers:
                         _stop_workers(procs)
                         storage.update_run(name, status="interrupted")
-                        raise RunInterrupted(_NO_START.format(name=name))
+                        why = errors.get() if not errors.empty() else None
+                        raise RunInterrupted(
+                            _NO_START.format(name=name)
+                            if why is None
+                            else f"Run {name!r}: worker processes could not start: {why}. "
+                            "The run is kept; resume it once that is fixed."
+                        )
                 info = storage.get_run(name)
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
