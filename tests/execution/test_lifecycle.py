@@ -252,3 +252,32 @@ def test_resume_refuses_changes_that_would_change_what_history_means(
     experiment().run(url, "r")
     with pytest.raises(pt.ConfigMismatch, match=next(iter(change))):
         experiment().replace(**change).run(url, "r", resume=True)
+
+
+def test_synchronous_replacement_delivers_every_decision_on_time(env: Any, tmp_path: Path) -> None:
+    """Serial executor, synchronous, a member failing for good mid-interval: every member
+    trains each step with the hyperparameters it holds (x grows by exactly its lr), so no
+    decision is delivered late; and the replacement joins the generation clock. Before, a
+    generation closed on a tick where only the replacement was judged and other members
+    trained another interval with their old hyperparameters."""
+    env(noise=0, pop=4, steps=40, interval=5, sync=1, fail=f"{member_seed(0, 1)}:13:always")
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = experiment().run(url, "r", options=pt.RunOptions(max_retries=0))
+    assert result.member(1).status == "failed" and result.member(4).replaces == 1
+    check_complete(result, 40, 4)
+    events = {(e.member, e.step): e for e in result.events}
+    for m in result.members:
+        if m.status != "finished":
+            continue
+        steps = {h.step: h.metrics["x"] for h in result.history if h.member == m.id}
+        initial = result.initial_hparams.get(m.id)
+        lr = None if initial is None else initial["lr"]
+        for t in sorted(steps):
+            if (m.id, t - 1) in events:
+                lr = events[(m.id, t - 1)].new_hparams["lr"]
+            elif t - 1 in steps and lr is not None:
+                assert steps[t] - steps[t - 1] == pytest.approx(lr, rel=1e-9), (m.id, t)
+        assert lr is None or lr == m.hparams["lr"]
+    # Every generation is judged at the same steps for every member, replacement included.
+    judged = {e.step for e in result.events if e.kind != "replace"}
+    assert judged <= {5, 10, 15, 20, 25, 30, 35}

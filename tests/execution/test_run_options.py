@@ -100,9 +100,13 @@ def test_failure_budget() -> None:
         RunOptions().failure_budget(0)
 
 
-def test_threads_per_worker() -> None:
-    """threads wins; None shares the cores among the workers, at least one thread each."""
+def test_threads_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """threads wins; then the user's OMP_NUM_THREADS; None shares the cores among the
+    workers, at least one thread each."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert RunOptions(threads=3).threads_per_worker(8) == 3
+    assert RunOptions().threads_per_worker(2) == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
     cores = RunOptions().threads_per_worker(1)
     assert cores >= 1
     assert RunOptions().threads_per_worker(2) == max(1, cores // 2)

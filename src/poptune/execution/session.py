@@ -112,8 +112,9 @@ class RunOptions:
     """Live trainables a worker keeps, the member being trained included (>= 1)."""
 
     threads: int | None = None
-    """Math-library threads per worker (None or >= 1). None: the machine's cores divided by
-    the number of workers, at least 1."""
+    """Math-library threads per worker (None or >= 1). None: ``OMP_NUM_THREADS`` when the
+    environment sets it, else the machine's cores divided by the number of workers, at
+    least 1."""
 
     def __post_init__(self) -> None:
         # Stored as plain int and float (numpy scalars are accepted): options are pickled
@@ -143,8 +144,9 @@ class RunOptions:
         return int(population_size) if self.max_failures is None else self.max_failures
 
     def threads_per_worker(self, workers: int) -> int:
-        """Math-library threads each of ``workers`` workers uses: ``threads``, or the cores
-        this process may use divided by ``workers``, at least 1.
+        """Math-library threads each of ``workers`` workers uses: ``threads``, else
+        ``OMP_NUM_THREADS`` when the environment sets it, else the cores this process may use
+        divided by ``workers``, at least 1.
 
         Raises:
             ValueError: ``workers`` is not an integer >= 1.
@@ -152,6 +154,9 @@ class RunOptions:
         _check_int("workers", workers, minimum=1)
         if self.threads is not None:
             return self.threads
+        given = os.environ.get("OMP_NUM_THREADS", "")
+        if given.isdigit() and int(given) >= 1:
+            return int(given)  # the user's own setting wins over our share
         try:
             cores = len(os.sched_getaffinity(0))  # the cores this process may run on
         except AttributeError:  # macOS, Windows
