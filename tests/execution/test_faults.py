@@ -200,7 +200,5 @@ def test_resume_right_after_killing_a_whole_run_is_not_refused(env: Any, tmp_pat
         _kill_group(proc)
         assert workers, "no member was held when the run was killed"
         assert store.get_run("r").status == "running"
-    result = experiment().run(
-        url, "r", workers=1, options=pt.RunOptions(heartbeat_timeout=600.0)
-    )
+    result = experiment().run(url, "r", workers=1, options=pt.RunOptions(heartbeat_timeout=600.0))
     check_complete(result, 40, 4)

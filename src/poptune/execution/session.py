@@ -319,9 +319,7 @@ def prepare_run(
                 "(--resume / resume=True)."
             )
         fixed = [
-            k
-            for k in ("population_size", "metric", "mode")
-            if info.config.get(k) != config.get(k)
+            k for k in ("population_size", "metric", "mode") if info.config.get(k) != config.get(k)
         ]
         if sorted(info.config.get("space", {})) != sorted(config["space"]):
             fixed.append("hyperparameter names")
