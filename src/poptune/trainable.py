@@ -6,7 +6,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["FunctionTrainable", "MemberContext", "Metrics", "Trainable", "trainable"]
+__all__ = [
+    "FunctionTrainable",
+    "MemberContext",
+    "Metrics",
+    "Trainable",
+    "set_worker_device",
+    "trainable",
+    "worker_device",
+]
+
+_worker_device: str | None = None
+
+
+def worker_device() -> str | None:
+    """The device the executor gave this worker process (``"cuda:1"``, ``"cpu"``), or None."""
+    return _worker_device
+
+
+def set_worker_device(device: str | None) -> None:
+    """Sets the device members built in this process train on (executors call it)."""
+    global _worker_device
+    _worker_device = device
 
 Metrics = float | Mapping[str, float]
 S = TypeVar("S")
@@ -21,12 +42,14 @@ class MemberContext:
         member: The member's id.
         worker: The id of the worker training it (``host:pid:...``).
         step: The member's step when this stretch of training began.
+        device: The worker's device (``devices=`` of `Experiment.run`), or None.
     """
 
     run: str
     member: int
     worker: str
     step: int
+    device: str | None = None
 
 
 class Trainable:
