@@ -29,6 +29,7 @@ def set_worker_device(device: str | None) -> None:
     global _worker_device
     _worker_device = device
 
+
 Metrics = float | Mapping[str, float]
 S = TypeVar("S")
 
