@@ -201,6 +201,7 @@ class Experiment:
         checkpoints: str | None = None,
         options: RunOptions | None = None,
         source: str | None = None,
+        devices: Sequence[str] | None = None,
     ) -> Result:
         """Runs the experiment and returns its `Result`.
 
@@ -229,6 +230,12 @@ class Experiment:
             options: Retries, retention, heartbeats: see `poptune.RunOptions`.
             source: ``FILE.py:NAME`` this experiment was loaded from (set by the CLI; lets
                 worker processes and ``poptune resume`` load it again).
+            devices: The devices workers train on (``["cuda:0", "cuda:1"]``): worker ``i``
+                gets ``devices[i % len(devices)]``, and a member reads it as
+                ``self.device`` (`poptune.torch.TorchTrainable`) or
+                `poptune.trainable.worker_device`. Without ``workers``: one worker per
+                device. None: as the run was last executed, else every visible GPU (one
+                worker each) when the members use torch and CUDA is present, else none.
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
@@ -253,6 +260,7 @@ class Experiment:
             checkpoints=checkpoints,
             source=source,
             options=options,
+            devices=devices,
         )
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ every parser; CSV cells keep Python's spelling (``nan``, ``inf``), which pandas 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -33,6 +34,7 @@ __all__ = [
     "schedule_rows",
     "write_csv",
     "write_json",
+    "write_state",
 ]
 
 Table = tuple[list[str], list[list[Any]]]
@@ -217,3 +219,43 @@ def write_csv(result: Result, directory: str | os.PathLike[str]) -> list[str]:
         _write_table(path, table)
         paths.append(path)
     return paths
+
+
+def write_state(state: object, path: str | os.PathLike[str]) -> str:
+    """Writes a member's state to a file, atomically: with ``torch.save`` when it holds torch
+    objects (load it with ``torch.load``), else with pickle. Returns which."""
+    import pickle
+    import sys
+    import tempfile
+
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".poptune-state-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch = sys.modules.get("torch")
+            if torch is not None and _holds_tensors(state, torch.Tensor):
+                torch.save(state, f)
+                kind = "torch.save"
+            else:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+                kind = "pickle"
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return kind
+
+
+def _holds_tensors(value: object, tensor: type) -> bool:
+    if isinstance(value, tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, tensor) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v, tensor) for v in value)
+    return False

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "HistoryRecord", "MemberRecord", "Result", "ScheduleStep"]
+__all__ = ["Event", "HistoryRecord", "MemberRecord", "Result", "ScheduleStep", "StateAccess"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class HistoryRecord:
             lineage event (exploit, explore, replace) that began it, or None for the member's
             initial stretch. The hyperparameters in force are that event's ``new_hparams``
             (`Result.hparams_at`).
+        device: The device of the worker that trained it (``devices=`` of `Experiment.run`),
+            None when none was given.
     """
 
     member: int
@@ -64,6 +66,7 @@ class HistoryRecord:
     metrics: Mapping[str, float]
     score: float
     segment: int | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,24 @@ class ScheduleStep:
 
 
 @dataclass(frozen=True)
+class StateAccess:
+    """Where a run's member states are: each member's current checkpoint location, the store
+    that reads them (or a function returning it, opened when first needed), and how to build
+    a member (the experiment, or the ``FILE.py:NAME`` it was loaded from)."""
+
+    locations: Mapping[int, str | None]
+    store: Any = None
+    experiment: Any = None
+    source: str | None = None
+
+    def opened(self) -> Any:
+        store = self.store
+        if store is not None and not hasattr(store, "load"):
+            store = store()  # a factory: the run's checkpoint folder
+        return store
+
+
+@dataclass(frozen=True)
 class Result:
     """Everything a run produced. Returned by `Experiment.run` and by `poptune.load`.
 
@@ -145,6 +166,70 @@ class Result:
     members: Sequence[MemberRecord]
     history: Sequence[HistoryRecord]
     events: Sequence[Event]
+    states: StateAccess | None = field(default=None, repr=False, compare=False)
+
+    def load_state(self, member: int | None = None) -> Any:
+        """A member's latest state, as its trainable's ``state_dict`` returned it: the weights
+        (and optimizer, RNG...) of the best member by default. Read from the run's own
+        checkpoints (an in-memory run's too).
+
+        Raises:
+            KeyError: No such member.
+            ValueError: The member has no checkpoint (it never reached a ready point, or
+                failed before), or this result has no access to the checkpoints.
+        """
+        record = self.best if member is None else self.member(member)
+        if self.states is None or self.states.store is None:
+            raise ValueError(
+                f"Run {self.name!r}: this Result has no access to its checkpoints; read it "
+                "with pt.load(storage, name) or use the one Experiment.run returned."
+            )
+        location = self.states.locations.get(record.id)
+        if location is None:
+            raise ValueError(
+                f"Member {record.id} of run {self.name!r} has no checkpoint (it never reached "
+                "a ready point, or failed before it did)."
+            )
+        return self.states.opened().load(location)
+
+    def load_member(
+        self, member: int | None = None, *, device: str | None = None, experiment: Any = None
+    ) -> Any:
+        """A member's trainable, ready to use: built with its hyperparameters (on ``device``
+        for a `poptune.torch.TorchTrainable`), its latest state loaded, then its
+        hyperparameters applied. The best member by default.
+
+        Args:
+            member: The member's id; the best member when None.
+            device: Where to build it (``"cpu"``, ``"cuda:0"``); by default the member's own
+                default.
+            experiment: The `poptune.Experiment` that builds members; by default the one that
+                ran (or, for `poptune.load`, the one its ``FILE.py:NAME`` source defines).
+        """
+        from poptune.execution.lifecycle import build_member
+        from poptune.trainable import set_worker_device, worker_device
+
+        record = self.best if member is None else self.member(member)
+        state = self.load_state(record.id)
+        exp = experiment or (self.states.experiment if self.states else None)
+        if exp is None and self.states is not None and self.states.source:
+            from poptune.execution.source import load_experiment
+
+            exp = load_experiment(self.states.source)[0]
+        if exp is None:
+            raise ValueError(
+                f"Run {self.name!r}: pass experiment= to build its members (it was not "
+                "started from a file poptune can load again)."
+            )
+        before = worker_device()
+        set_worker_device(device if device is not None else before)
+        try:
+            trainable = build_member(exp, record.id, record.hparams)
+            trainable.load_state_dict(state)
+            trainable.set_hparams(record.hparams)
+        finally:
+            set_worker_device(before)
+        return trainable
 
     @property
     def best(self) -> MemberRecord:

@@ -74,6 +74,14 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         help="train in this process (serial) or in worker processes",
     )
     p.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="devices the workers train on, comma-separated (cuda:0,cuda:1 or cpu); worker i "
+        "gets device i modulo their number (default: as the run was last executed, else every "
+        "visible GPU, one worker each, when the members use torch)",
+    )
+    p.add_argument(
         "--max-retries",
         type=int,
         default=None,
@@ -143,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         metavar="PATH",
         help="json: a file, or - for stdout (default RUN.json); csv: a directory (default RUN-csv)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        default=None,
+        help="write the best member's latest state (its weights) to PATH instead: torch.save "
+        "for a torch state (load it with torch.load), else pickle",
+    )
+    p.add_argument(
+        "--member", type=int, default=None, metavar="ID", help="with --checkpoint: this member"
     )
     _add_storage(p)
     p.set_defaults(func=cmd_export)

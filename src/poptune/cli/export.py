@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from poptune.cli._common import (
     USAGE,
@@ -17,6 +18,9 @@ from poptune.cli._common import (
     _open_existing,
     _storage_url,
 )
+
+if TYPE_CHECKING:
+    from poptune.result import Result
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -41,6 +45,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{len(result.history)} history rows, {len(result.events)} events, "
         f"{len(result.schedule()) if result.members else 0} schedule steps"
     )
+    if args.checkpoint is not None:
+        return _export_state(result, args.checkpoint, args.member)
     if args.format == "json":
         output = args.output or f"{name}.json"
         if output == "-":
@@ -58,4 +64,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"--output {directory} is a file; --format csv needs a directory.", USAGE)
     paths = write_csv(result, directory)
     print(f"Wrote {', '.join(paths)} ({summary}).")
+    return 0
+
+
+def _export_state(result: Result, path: str, member: int | None) -> int:
+    """Writes a member's latest state to ``path`` (atomically)."""
+    from poptune.export import write_state
+
+    try:
+        state = result.load_state(member)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e).strip("'\"")) from None
+    record = result.best if member is None else result.member(member)
+    kind = write_state(state, path)
+    print(
+        f"Wrote {path}: member {record.id}'s state at step {record.step} "
+        f"({result.metric} = {record.score}), {kind}."
+    )
     return 0

@@ -49,6 +49,15 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         raise CLIError(str(e), USAGE) from None
 
 
+def _devices(args: argparse.Namespace) -> list[str] | None:
+    from poptune.execution.devices import check_devices
+
+    try:
+        return check_devices(args.devices)
+    except ValueError as e:
+        raise CLIError(str(e), USAGE) from None
+
+
 def _progress_mode(args: argparse.Namespace) -> Mode:
     if args.no_progress:
         return "off"
@@ -88,6 +97,7 @@ def _train(
                 checkpoints=checkpoints,
                 options=options,
                 source=source,
+                devices=_devices(args),
             )
     except KeyboardInterrupt:
         print(

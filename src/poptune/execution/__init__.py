@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.session import (
@@ -49,6 +50,7 @@ def execute(
     checkpoints: str | None = None,
     source: str | None = None,
     options: RunOptions | None = None,
+    devices: Sequence[str] | None = None,
 ) -> Result:
     """Runs (or resumes) ``experiment`` as run ``name`` in ``storage``; see `Experiment.run`."""
     import multiprocessing
@@ -57,6 +59,7 @@ def execute(
         # In a spawned worker re-importing the main script: touching the run here would
         # start workers of workers and mark the run interrupted.
         raise RuntimeError(_MAIN_GUARD)
+    from poptune.execution.devices import check_devices
     from poptune.execution.session import prepare_run
     from poptune.storage import open_storage, storage_url
     from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
@@ -68,6 +71,7 @@ def execute(
         raise ValueError(f"`workers >= 1` must hold for an integer, but got workers={workers!r}.")
     if executor is not None and executor not in EXECUTORS:
         raise ValueError(f"`executor` must be one of {EXECUTORS}, but got {executor!r}.")
+    devices = check_devices(devices)
     options = options or RunOptions()
     # Normalised once: worker processes reopen this very URL.
     url = storage_url(storage) if isinstance(storage, str) else None
@@ -75,7 +79,9 @@ def execute(
     in_memory = store.display_url.startswith("memory://")
     name = name or "run"
     existing = store.get_run(name)
-    workers, executor = _how(existing.execution if existing else {}, workers, executor)
+    workers, executor, devices = _how(
+        existing.execution if existing else {}, workers, executor, devices
+    )
     if in_memory and executor == "processes":
         raise ValueError(
             "executor='processes' needs a storage that worker processes share: pass "
@@ -99,12 +105,17 @@ def execute(
         claim_checkpoint_folder(root, name, where, info.created)
     if not in_memory:
         store.update_run(
-            name, execution={**info.execution, "executor": executor, "workers": workers}
+            name,
+            execution={
+                **info.execution,
+                "executor": executor,
+                "workers": workers,
+                "devices": devices,
+            },
         )
+    ckpt: Any = MemoryCheckpointStore() if in_memory else None
     if info.status != "completed":
-        if in_memory:
-            ckpt: Any = MemoryCheckpointStore()
-        else:
+        if ckpt is None:
             from poptune.storage.checkpoints import CheckpointStore
 
             assert root is not None
@@ -113,12 +124,12 @@ def execute(
         if executor == "serial":
             from poptune.execution.serial import run_serial
 
-            run_serial(experiment, store, name, ckpt, options)
+            run_serial(experiment, store, name, ckpt, options, devices[0] if devices else None)
         else:
             from poptune.execution.processes import run_processes
 
             assert url is not None and root is not None
-            run_processes(experiment, store, url, name, root, workers, options, source)
+            run_processes(experiment, store, url, name, root, workers, options, source, devices)
     final = store.get_run(name)
     if final is None or final.status != "completed":
         status = final.status if final is not None else "gone"
@@ -126,23 +137,38 @@ def execute(
             f"Run {name!r} did not complete (its status is {status!r}). Everything committed "
             f"is kept: run it again with the same storage and name to resume it."
         )
-    result = load_result(store, name)
+    # An in-memory run's checkpoints live in this process; a stored run's in its folder.
+    result = load_result(
+        store, name, checkpoints=ckpt if in_memory else None, experiment=experiment
+    )
     _warn_if_unscored(result)
     return result
 
 
-def _how(stored: Any, workers: int | None, executor: str | None) -> tuple[int, str]:
-    """Workers and executor: as given; what is not given, as the run was executed before
-    (when resuming), else one worker in this process."""
+def _how(
+    stored: Any, workers: int | None, executor: str | None, devices: list[str] | None
+) -> tuple[int, str, list[str] | None]:
+    """Workers, executor and devices: as given; what is not given, as the run was executed
+    before (when resuming); else one worker per device given, else one worker per visible
+    GPU when the members use torch and CUDA is present, else one worker in this process."""
+    from poptune.execution.devices import visible_gpus
+
     if workers is None and executor is None:
         workers, executor = stored.get("workers"), stored.get("executor")
+        if devices is None:
+            devices = stored.get("devices")
+    if workers is None and executor is None:
+        if devices is None:
+            devices = visible_gpus() or None
+        if devices is not None:
+            workers = len(devices)
     if workers is None:
         workers = 1 if executor in (None, "serial") else int(stored.get("workers") or 2)
     if executor is None:
         executor = "processes" if workers > 1 else "serial"
     if executor == "serial" and workers != 1:
         raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
-    return int(workers), str(executor)
+    return int(workers), str(executor), devices
 
 
 class UnscoredRunWarning(RuntimeWarning):

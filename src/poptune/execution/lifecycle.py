@@ -53,7 +53,7 @@ from poptune.storage.base import (
     Storage,
     Transaction,
 )
-from poptune.trainable import MemberContext, Trainable
+from poptune.trainable import MemberContext, Trainable, worker_device
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -320,7 +320,7 @@ class Lifecycle:
     def context(self, trainable: Trainable, member: int, step: int) -> None:
         """Tells the trainable who it is (`Trainable.context`) before it trains."""
         trainable.context = MemberContext(
-            run=self.name, member=member, worker=self.worker, step=step
+            run=self.name, member=member, worker=self.worker, step=step, device=worker_device()
         )
 
     # -- train and checkpoint ------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Lifecycle:
     def step(self, trainable: Trainable, member: int, step: int, segment: int | None) -> ResultRow:
         """Trains one step (from ``step - 1`` to ``step``) and returns its record."""
         metrics, score = read_metrics(trainable.step(), self.exp.metric)
-        return ResultRow(member, step, score, metrics, segment)
+        return ResultRow(member, step, score, metrics, segment, worker_device())
 
     def save(self, trainable: Trainable, member: int, step: int) -> tuple[str, int]:
         """Checkpoints the trainable's state (user code: ``state_dict``)."""

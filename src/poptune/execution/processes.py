@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from poptune.execution.devices import assign_devices
 from poptune.execution.lifecycle import (
     Heartbeat,
     Lifecycle,
@@ -60,8 +61,11 @@ from poptune.execution.session import (
 )
 from poptune.storage import leases
 from poptune.storage.base import MemberRow, Storage, Transaction
+from poptune.trainable import set_worker_device
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from poptune.experiment import Experiment
     from poptune.trainable import Trainable
 
@@ -258,7 +262,12 @@ class _Stopping(Exception):
 
 
 def worker_main(
-    spec: WorkerSpec, tag: str, threads: int = 1, started: Any = None, errors: Any = None
+    spec: WorkerSpec,
+    tag: str,
+    threads: int = 1,
+    started: Any = None,
+    errors: Any = None,
+    device: str | None = None,
 ) -> None:
     """Entry point of a worker process. Its id is ``host:pid:...-tag``, with its own pid.
 
@@ -267,6 +276,7 @@ def worker_main(
     exception ever lands inside a storage call.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_worker_device(device)
     limit_threads(threads)
     worker_id = f"{new_worker_id()}-{tag}"
     try:
@@ -302,8 +312,11 @@ def run_processes(
     workers: int,
     options: RunOptions,
     source: str | None = None,
+    devices: Sequence[str] | None = None,
 ) -> None:
-    """Trains a prepared run with ``workers`` processes until it completes or fails.
+    """Trains a prepared run with ``workers`` processes until it completes or fails; worker
+    ``i`` trains on ``devices[i % len(devices)]`` (a restarted worker takes the device of the
+    one it replaces).
 
     Raises:
         RunFailed: The failure policy stopped the run.
@@ -330,27 +343,29 @@ def run_processes(
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()  # why a worker could not start, when it can say
     procs: dict[int, tuple[Any, Any]] = {}
+    slots: dict[int, str | None] = {}  # worker pid -> its device
     restarts, max_restarts = 0, max(4, 2 * workers)
     count, never_started = 0, 0
 
-    def start() -> None:
+    def start(device: str | None) -> None:
         nonlocal count
         count += 1
         tag = f"w{count}"
         started = ctx.Event()
         p = ctx.Process(
             target=worker_main,
-            args=(spec, tag, threads, started, errors),
+            args=(spec, tag, threads, started, errors, device),
             name=f"poptune-{tag}",
             daemon=False,
         )
         p.start()
         assert p.pid is not None
         procs[p.pid] = (p, started)
+        slots[p.pid] = device
 
     try:
-        for _ in range(workers):
-            start()
+        for device in assign_devices(workers, devices):
+            start(device)
         while procs:
             for pid, (p, started) in list(procs.items()):
                 p.join(timeout=0.1)
@@ -376,7 +391,7 @@ def run_processes(
                 info = storage.get_run(name)
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
-                    start()
+                    start(slots[pid])
     except KeyboardInterrupt:
         # A second Ctrl-C must not cut the clean-up short: the run would stay "running".
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -40,7 +40,7 @@ from poptune.execution.session import (
     release_held,
 )
 from poptune.storage.base import MemberBusy, MemberRow, ResultRow, Storage
-from poptune.trainable import Trainable
+from poptune.trainable import Trainable, set_worker_device, worker_device
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
@@ -265,6 +265,13 @@ def run_serial(
     name: str,
     checkpoints: CheckpointBackend,
     options: RunOptions,
+    device: str | None = None,
 ) -> None:
-    """Trains a prepared run in this process until every member is finished or failed."""
-    _SerialRun(experiment, storage, name, checkpoints, options).run()
+    """Trains a prepared run in this process until every member is finished or failed, its
+    members on ``device`` (see `poptune.trainable.worker_device`)."""
+    before = worker_device()
+    set_worker_device(device)
+    try:
+        _SerialRun(experiment, storage, name, checkpoints, options).run()
+    finally:
+        set_worker_device(before)

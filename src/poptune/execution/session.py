@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from poptune.controller import PBT
-from poptune.result import Event, HistoryRecord, MemberRecord, Result
+from poptune.result import Event, HistoryRecord, MemberRecord, Result, StateAccess
 from poptune.storage import leases
 from poptune.storage.base import (
     MemberRow,
@@ -402,14 +403,31 @@ def retention(tx: Transaction, keep_last: int, rows: Sequence[MemberRow]) -> lis
     return doomed
 
 
-def load_result(storage: Storage, name: str) -> Result:
-    """The `Result` of a run, read back from its storage."""
+def load_result(
+    storage: Storage,
+    name: str,
+    *,
+    checkpoints: Any = None,
+    experiment: Experiment | None = None,
+) -> Result:
+    """The `Result` of a run, read back from its storage.
+
+    Its `Result.load_state` reads the members' checkpoints from ``checkpoints`` (a store with
+    ``load(location)``), by default the run's own checkpoint folder; `Result.load_member`
+    builds members with ``experiment``, by default the one the run's source file defines.
+    """
     info = storage.get_run(name)
     if info is None:
         raise StorageError(f"No run named {name!r} in {storage.display_url}.")
     cfg = info.config
-    members = [MemberRecord.from_state(r.state) for r in storage.members(name)]
+    rows = storage.members(name)
+    members = [MemberRecord.from_state(r.state) for r in rows]
     stored_initial = cfg.get("initial_population") or {}
+    if checkpoints is None and info.checkpoint_root is not None:
+        from poptune.storage.checkpoints import CheckpointStore
+
+        root = info.checkpoint_root
+        checkpoints = functools.partial(_open_store, CheckpointStore, root)
     return Result(
         name=name,
         mode=str(cfg.get("mode", "max")),
@@ -419,8 +437,18 @@ def load_result(storage: Storage, name: str) -> Result:
         },
         members=sorted(members, key=lambda m: m.id),
         history=[
-            HistoryRecord(r.member, r.step, r.metrics, r.score, r.segment)
+            HistoryRecord(r.member, r.step, r.metrics, r.score, r.segment, r.device)
             for r in storage.results(name)
         ],
         events=[Event.from_dict(e) for e in storage.events(name)],
+        states=StateAccess(
+            locations={r.id: r.checkpoint for r in rows},
+            store=checkpoints,
+            experiment=experiment,
+            source=info.source,
+        ),
     )
+
+
+def _open_store(kind: Any, root: str) -> Any:
+    return kind(root)

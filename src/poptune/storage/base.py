@@ -147,6 +147,7 @@ class ResultRow:
         segment: The index of the lineage event (exploit, explore or replace of this member)
             that began the stretch of its life this step belongs to; None for its initial
             stretch, before any event.
+        device: The device of the worker that trained the step (``"cuda:0"``), if it had one.
     """
 
     member: int
@@ -154,6 +155,7 @@ class ResultRow:
     score: float
     metrics: Mapping[str, float]
     segment: int | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)

@@ -254,9 +254,17 @@ def _load_payload(f: IO[bytes], fmt: Format) -> object:
             "pip install 'poptune[torch]'."
         ) from e
     map_location = None if torch.cuda.is_available() else "cpu"
-    # weights_only=False: our states hold optimizer states, numpy arrays and user objects, and
-    # a store only loads the files under its own root, which it wrote (see the module docstring).
-    return torch.load(cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=False)
+    # weights_only=True where the state allows (tensors, plain containers and numbers: what
+    # poptune.torch writes); else the full unpickler, since user states may hold other objects
+    # and a store only loads the files under its own root, which it wrote (module docstring).
+    start = f.tell()
+    try:
+        return torch.load(cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        f.seek(start)
+        return torch.load(
+            cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=False
+        )
 
 
 def _fsync_dir(path: str) -> None:

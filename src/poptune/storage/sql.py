@@ -3,7 +3,8 @@
 The schema is versioned in ``poptune_meta``. A database written by an older poptune is migrated
 when a migration exists, and refused otherwise; one written by a newer poptune is refused. In
 both cases the message says what to do. Versions: 1, the first; 2 adds the lineage ``segment``
-of each result (`MIGRATIONS` adds the column; older results read as None). Every table is
+and the ``device`` of each result and the ``execution`` record of each run (`MIGRATIONS` adds
+the columns; older rows read as None). Every table is
 prefixed ``poptune_`` so a run may share a database with other applications.
 """
 
@@ -113,6 +114,8 @@ results_table = sa.Table(
     sa.Column("metrics", _JSON, nullable=False),
     # Schema version 2: the lineage segment of the step (see `ResultRow.segment`).
     sa.Column("segment", sa.Integer),
+    # Schema version 2: the device of the worker that trained the step (None: not said).
+    sa.Column("device", sa.String(64)),
     sa.Index("ix_poptune_results_run", "run_id", "id"),
 )
 events_table = sa.Table(
@@ -158,6 +161,7 @@ def _add_result_segments(conn: Connection) -> None:
     """1 -> 2: results record their lineage segment (those written before read as None);
     runs record how they were executed and the configuration changes accepted on resume."""
     conn.execute(sa.text("ALTER TABLE poptune_results ADD COLUMN segment INTEGER"))
+    conn.execute(sa.text("ALTER TABLE poptune_results ADD COLUMN device VARCHAR(64)"))
     conn.execute(sa.text("ALTER TABLE poptune_runs ADD COLUMN execution TEXT"))
 
 
@@ -285,6 +289,7 @@ class _SQLTransaction(Transaction):
                         "score": r.score,
                         "metrics": dict(r.metrics),
                         "segment": r.segment,
+                        "device": r.device,
                     }
                     for r in rows
                 ],
@@ -687,7 +692,7 @@ class SQLStorage(Storage):
         def read(conn: Connection, run_id: int) -> list[ResultRow]:
             r = results_table
             rows = conn.execute(
-                sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics, r.c.segment)
+                sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics, r.c.segment, r.c.device)
                 .where(r.c.run_id == run_id)
                 .order_by(r.c.id)
             )
@@ -698,6 +703,7 @@ class SQLStorage(Storage):
                     math.nan if x.score is None else x.score,
                     x.metrics,
                     x.segment,
+                    x.device,
                 )
                 for x in rows
             ]
