@@ -32,7 +32,7 @@ import signal
 import threading
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -92,14 +92,22 @@ def next_ready(state: Mapping[str, Any], interval: int, burn_in: int, steps: int
     return min(ready, max(steps, step))
 
 
-def claim_order(row: MemberRow, mode: str) -> tuple[float, float, int]:
-    """Sort key of the members a free worker may claim: the least advanced first; among equals
-    the best-scoring first, so that the members most likely to copy another are judged when
-    most of their peers have reached the same step (a member never copies a donor behind it).
+def claim_order(
+    row: MemberRow, mode: str, cached: Container[int] = ()
+) -> tuple[int, int, float, int]:
+    """Sort key of the members a free worker may claim: the least advanced first; among
+    equals those the worker holds live (``cached``: no rebuild, no load), then the
+    best-scoring first, so that the members most likely to copy another are judged when most
+    of their peers have reached the same step (a member never copies a donor behind it).
     """
     score = row.state.get("score")
     value = -math.inf if score is None or not math.isfinite(float(score)) else float(score)
-    return (int(row.state["step"]), -value if mode == "max" else value, row.id)
+    return (
+        int(row.state["step"]),
+        0 if row.id in cached else 1,
+        -value if mode == "max" else value,
+        row.id,
+    )
 
 
 def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:

@@ -4,8 +4,9 @@ Each worker runs the shared member lifecycle (`poptune.execution.lifecycle`) one
 time: *claim, restore, train to the next ready point, checkpoint, commit*.
 
 1. **Claim**, in an exclusive transaction: among the running members no live worker holds, the
-   least advanced; among equals the best-scoring first (`claim_order`), so that the members
-   likely to copy another are judged when most peers have reached their step. A member more
+   least advanced; among equals those this worker keeps live (no rebuild), then the
+   best-scoring first (`claim_order`), so that the members likely to copy another are judged
+   when most peers have reached their step. A member more
    than ``max_lag`` steps ahead of the slowest is not claimed. A member whose owner stopped
    sending heartbeats (or whose process is gone, on this machine) is claimed again from its
    last checkpoint. Two workers never hold the same member.
@@ -178,7 +179,7 @@ class _Worker:
         ]
         if not free:
             return -1
-        pick = min(free, key=lambda r: claim_order(r, self.exp.mode))
+        pick = min(free, key=lambda r: claim_order(r, self.exp.mode, self.cache))
         known = {r.id: r for r in rows}
         return tx.claim(pick.id, self.id, self.options.heartbeat_timeout, known=known)
 
