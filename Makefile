@@ -33,6 +33,7 @@ bench: $(BIN)/.ready
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/persistence.py
 	$(BIN)/python benchmarks/convergence.py
+	$(BIN)/python benchmarks/domains.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
