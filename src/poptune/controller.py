@@ -76,6 +76,14 @@ def derive_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *keys]))
 
 
+def ready_step(step: int, last_ready: int, interval: int, burn_in: int, steps: int | None) -> int:
+    """The readiness rule: the step at which a member at ``step``, last judged at
+    ``last_ready``, is judged next (its next ready point, or ``steps``; ``step`` itself when
+    it is ready now). Every executor trains members by it."""
+    ready = max(last_ready + interval, burn_in, step)
+    return ready if steps is None else min(ready, max(steps, step))
+
+
 def member_seed(seed: int, member: int) -> int:
     """The seed handed to a member's trainable: distinct per member, fixed by the run's seed."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0, member]).generate_state(1)[0])
@@ -310,8 +318,7 @@ class PBT:
         this step, then is judged. Equal to its step when it is ready now.
         """
         m = self._member(member)
-        ready = max(m.last_ready + self.interval, self.burn_in, m.step)
-        return ready if self.steps is None else min(ready, max(self.steps, m.step))
+        return ready_step(m.step, m.last_ready, self.interval, self.burn_in, self.steps)
 
     def tell(self, member: int, step: int, score: float | None) -> Decision:
         """Records a score, then judges the member if it is ready (see `decide`)."""

@@ -36,7 +36,7 @@ from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from poptune.controller import PBT, Decision, member_seed
+from poptune.controller import PBT, Decision, member_seed, ready_step
 from poptune.execution.session import (
     CheckpointBackend,
     RunFailed,
@@ -84,12 +84,10 @@ class MetricMissing(ConfigurationError):
 def next_ready(state: Mapping[str, Any], interval: int, burn_in: int, steps: int) -> int:
     """The step a member trains to before it is judged: its next ready point, or ``steps``.
 
-    The same rule as `PBT.next_ready`, on a stored member state (workers need it before they
-    have rebuilt a controller).
+    `poptune.controller.ready_step` (as `PBT.next_ready`) on a stored member state: workers
+    need it before they have rebuilt a controller.
     """
-    step = int(state["step"])
-    ready = max(int(state["last_ready"]) + interval, burn_in, step)
-    return min(ready, max(steps, step))
+    return ready_step(int(state["step"]), int(state["last_ready"]), interval, burn_in, steps)
 
 
 def claim_order(
@@ -253,9 +251,9 @@ class Trained:
 
 @dataclass
 class Committed:
-    """What a commit decided."""
+    """What a commit left: every member's row (the decisions are in them: checkpoint to
+    restore from, hyperparameters) and the checkpoint files retention gave up."""
 
-    decisions: list[Decision]
     rows: list[MemberRow]
     doomed: list[str] = field(default_factory=list)
 
@@ -384,9 +382,7 @@ class Lifecycle:
         batches: list[list[Decision]] = []
         for t in sorted(trained, key=lambda t: t.member):
             m = pbt.members[t.member]
-            if m.status != "running" or m.step < next_ready(
-                m.to_dict(), self.exp.interval, self.exp.burn_in, self.exp.steps
-            ):
+            if m.status != "running" or m.step < pbt.next_ready(t.member):
                 continue
             d = pbt.decide(t.member)
             batches.append([d])
@@ -396,9 +392,7 @@ class Lifecycle:
         write_population(tx, pbt, rows)
         tx.add_results(results)
         tx.add_events(events)
-        doomed = retention(tx, self.options.keep_checkpoints, rows)
-        decisions = [d for batch in batches for d in batch]
-        return Committed(decisions, rows, doomed)
+        return Committed(rows, retention(tx, self.options.keep_checkpoints, rows))
 
     def _lineage(
         self,
@@ -498,8 +492,7 @@ class Lifecycle:
         rows = member_rows(pbt, stored, changes)
         write_population(tx, pbt, rows)
         tx.add_events(events)
-        decisions = [d for batch in batches for d in batch]
-        return "replaced", Committed(decisions, rows)
+        return "replaced", Committed(rows)
 
     def _held(self, tx: Transaction, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
         """The row after a failed attempt: still this worker's, or released for any worker."""
