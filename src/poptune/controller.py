@@ -26,7 +26,8 @@ Semantics, each one a trap that bit another library:
   before ``s``; members ahead of ``s`` keep a record of their recent ready points for this), so
   members are never ranked against more trained or less trained versions of each other when an
   equal-step score exists. A donor is never *behind* the member (its latest checkpoint is at a
-  step before ``s``): such a choice is a ``"continue"``. Copying back would make the member
+  step before ``s``), nor one whose latest state scored NaN or infinite (it may have diverged
+  after ``s``): such a choice is a ``"continue"``. Copying back would make the member
   re-train steps it has trained, and on a score that saturates it livelocks (trap 13).
 * Synchronous mode (``synchronous=True``): members are judged together once every alive member
   has reached the generation's ready point. Finished and failed members are never waited for,
@@ -510,8 +511,10 @@ class PBT:
         if donor_id is not None and donor_id != m.id:
             donor = donor_state(donor_id)
             donor_step = donor["score_step"] if donor["score_step"] is not None else donor["step"]
-            if int(donor_step) < step:
-                donor_id = None  # never copy back: the member would re-train its own steps
+            if int(donor_step) < step or not math.isfinite(self._oriented(donor["score"])):
+                # Never copy back: the member would re-train its own steps. Nor a state that
+                # scored NaN or inf: ranked at `step`, the donor may have diverged since.
+                donor_id = None
         if donor_id is not None and donor_id != m.id:
             hparams = dict(donor["hparams"])
             ops: dict[str, str] = {}
