@@ -427,7 +427,7 @@ class PBT:
             donor.id,
             donor.score_step,
             hparams,
-            dict(donor.hparams),
+            dict(old.hparams),  # as for a fresh start: the failed member's, which it replaces
             ops,
         )
         # The replacement keeps the donor's ready clock: its next ready point is the donor's, so
