@@ -372,3 +372,14 @@ def test_explore_function_result_is_validated() -> None:
     assert new == {"lr": 2e-2, "width": 100, "act": "tanh"} and ops == {"lr": "custom"}
     with pytest.raises(ValueError, match="expected a callable"):
         pt.FunctionExplore(3)  # type: ignore[arg-type]
+
+
+def test_ttest_on_saturated_windows_warns_nothing() -> None:
+    """Windows of a saturated score (all 500.0, or nearly) give no scipy precision warning."""
+    import warnings
+
+    member = pt.Candidate(0, 500.0, tuple([500.0] * 9 + [499.99999999]))
+    other = pt.Candidate(1, 500.0, tuple([500.0] * 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pt.TTest().select(member, [member, other], np.random.default_rng(0))
