@@ -55,7 +55,9 @@ def run_one(domain: str, variant: str, seed: int, size: str, db: Path) -> dict[s
     start = time.perf_counter()
     result = exp.run(f"sqlite:///{db}", name, workers=1)
     out = dict(module.summary(result))
+    finals = [m.score for m in result.members if m.score is not None and m.score == m.score]
     out.update(
+        median_member=statistics.median(finals) if finals else None,
         domain=domain,
         variant=variant,
         seed=seed,
