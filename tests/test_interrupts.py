@@ -36,6 +36,10 @@ EXPERIMENT = pt.Experiment(
 """
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _results(db: Path) -> int:
     try:
         with sqlite3.connect(db, timeout=5) as conn:
@@ -66,6 +70,9 @@ def test_ctrl_c_always_ends_cleanly_and_resume_completes(
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group, as a terminal job has
+            # Ctrl-C reaches a foreground job; a shell starts background jobs with SIGINT
+            # ignored, and the test may itself run in one (Python keeps an ignored SIGINT).
+            preexec_fn=_default_sigint,
         )
         deadline = time.monotonic() + 90
         before = _results(db)
