@@ -24,6 +24,14 @@ with all dropouts at 0.1 (24 steps of 25 batches): Adam at a constant 0.02 ended
 at 0.01 near 72, at 0.005 near 65; 0.02 for half the run, then decayed tenfold, reached 83.
 A decaying learning rate is what PBT has to find.
 
+What it found (default size, seeds 0-3; about 3 minutes each on 2 cores): every PBT run kept
+the learning rate near 0.01-0.02 for a while, then cut it, ending 6-20x lower; the cut came
+between step 9 and step 19 of 24 (truncation judges on the spot, and a member that stops
+jittering looks best at once, so the cut tends to come early). Best BLEU: PBT 73.1, 80.4,
+74.8, 83.8 (mean 78.0); random search at the same compute 76.5, 78.2, 79.2, 73.6 (mean 76.9).
+Mean BLEU of all 8 final members: PBT 75.2, random search 55.4 (whose best member is often
+one that happened to jitter up at the last step).
+
 Run it:
     python examples/translation.py [--smoke] [--baseline random] [--seed N] [--workers N]
                                    [--storage sqlite:///runs.db]
