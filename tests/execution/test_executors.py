@@ -233,7 +233,9 @@ def test_rare_transient_errors_do_not_stop_a_long_run(
     result = experiment().run(url, "r", workers=workers, source=SOURCE)
     check_complete(result, 120, 4)
     assert all(m.status == "finished" for m in result.members)
-    assert len(open_storage(url).failures("r")) == len(specs)
+    # A member that copies a donor ahead of it skips steps, so some injected steps never run;
+    # more retried errors than the old budget (2 * population_size) must still have happened.
+    assert 2 * 4 < len(open_storage(url).failures("r")) <= len(specs)
 
 
 @pytest.mark.slow
