@@ -688,14 +688,17 @@ class SQLStorage(Storage):
     def members(self, name: str) -> list[MemberRow]:
         return list(self._read(name, _read_members))
 
-    def results(self, name: str) -> list[ResultRow]:
+    def results(self, name: str, *, start: int = 0) -> list[ResultRow]:
         def read(conn: Connection, run_id: int) -> list[ResultRow]:
             r = results_table
-            rows = conn.execute(
+            query = (
                 sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics, r.c.segment, r.c.device)
                 .where(r.c.run_id == run_id)
                 .order_by(r.c.id)
             )
+            if start > 0:
+                query = query.offset(start)
+            rows = conn.execute(query)
             return [
                 ResultRow(
                     x.member,
