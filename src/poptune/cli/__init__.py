@@ -7,6 +7,7 @@
     poptune status toy_quadratic                     # one run's population and failures
     poptune export toy_quadratic --format csv        # history, events, best schedule
     poptune resume toy_quadratic                     # continues an interrupted run
+    poptune replay toy_quadratic                     # the best schedule, trained from scratch
     poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
 
 Every command's ``--storage`` defaults to ``$POPTUNE_STORAGE``, else ``sqlite:///poptune.db``.
@@ -36,6 +37,7 @@ from poptune.cli._common import (
 )
 from poptune.cli.delete import cmd_delete
 from poptune.cli.export import cmd_export
+from poptune.cli.replay import cmd_replay
 from poptune.cli.run import cmd_resume, cmd_run
 from poptune.cli.status import cmd_status
 
@@ -164,6 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "replay",
+        help="train one fresh member from scratch along a member's schedule, recorded as a run",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "--member",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="the member whose schedule to replay (default: the best member)",
+    )
+    p.add_argument("--name", metavar="NAME", help="the replay's run name (default: RUN-replay-mID)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the replayed member's seed (default: that of the schedule's root ancestor, "
+        "as in the run)",
+    )
+    _add_storage(p)
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
         "delete", help="delete a run: its records and its checkpoint folder (asks first)"

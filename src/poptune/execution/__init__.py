@@ -139,7 +139,11 @@ def execute(
         )
     # An in-memory run's checkpoints live in this process; a stored run's in its folder.
     result = load_result(
-        store, name, checkpoints=ckpt if in_memory else None, experiment=experiment
+        store,
+        name,
+        checkpoints=ckpt if in_memory else None,
+        experiment=experiment,
+        storage_ref=url if url is not None else store,
     )
     _warn_if_unscored(result)
     return result

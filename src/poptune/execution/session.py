@@ -409,12 +409,15 @@ def load_result(
     *,
     checkpoints: Any = None,
     experiment: Experiment | None = None,
+    storage_ref: str | Storage | None = None,
 ) -> Result:
     """The `Result` of a run, read back from its storage.
 
     Its `Result.load_state` reads the members' checkpoints from ``checkpoints`` (a store with
     ``load(location)``), by default the run's own checkpoint folder; `Result.load_member`
-    builds members with ``experiment``, by default the one the run's source file defines.
+    builds members with ``experiment``, by default the one the run's source file defines;
+    `Result.replay` records in ``storage_ref`` (the storage's URL, to open it again), by
+    default ``storage`` itself.
     """
     info = storage.get_run(name)
     if info is None:
@@ -446,6 +449,7 @@ def load_result(
             store=checkpoints,
             experiment=experiment,
             source=info.source,
+            storage=storage_ref if storage_ref is not None else storage,
         ),
     )
 
