@@ -102,6 +102,13 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show no live progress, only the final summary",
     )
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="write each member's metrics and hyperparameters, and the best member's "
+        "ancestry, as TensorBoard scalars in DIR/RUN (needs poptune[tensorboard])",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -419,8 +419,8 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Every event of the run, by index."""
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
+        """Every event of the run, by index; those with index ``start`` or more."""
 
     @abc.abstractmethod
     def checkpoints(self, name: str) -> list[CheckpointRow]:

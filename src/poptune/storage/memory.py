@@ -254,9 +254,9 @@ class InMemoryStorage(Storage):
         with self._lock:
             return [_copy_result(r) for r in self._get(name).results[max(0, start) :]]
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(self._get(name).events)
+            return copy.deepcopy(self._get(name).events[max(0, start) :])
 
     def checkpoints(self, name: str) -> list[CheckpointRow]:
         with self._lock:

@@ -713,10 +713,12 @@ class SQLStorage(Storage):
 
         return list(self._read(name, read))
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
         def read(conn: Connection, run_id: int) -> list[dict[str, Any]]:
             e = events_table
-            rows = conn.execute(sa.select(e).where(e.c.run_id == run_id).order_by(e.c.idx))
+            rows = conn.execute(
+                sa.select(e).where(e.c.run_id == run_id, e.c.idx >= start).order_by(e.c.idx)
+            )
             return [
                 {
                     "index": x.idx,

@@ -1,0 +1,154 @@
+"""`TensorBoardLogger`: each member's metrics and hyperparameters as TensorBoard scalars.
+
+Layout, under ``LOGDIR/RUN/``: one TensorBoard run per member (``member_03``), with a scalar
+per metric (``Q``, ``loss``...) and one per numeric hyperparameter (``hparams/lr``); and one
+run ``best``, written when the run ends, that follows the final best member's ancestry: at
+each step, the metrics of the ancestor that trained it and the hyperparameters in force (its
+schedule, `poptune.Result.schedule`), plus ``ancestor``, the id of that ancestor.
+
+**No sawtooth after an exploit.** A member that copies a donor takes the donor's weights *and
+its step count* (a member never copies a donor behind it), so its steps never go back; what
+changes at an exploit is where its curve continues from. Before the member's first step after
+the exploit, the logger writes into the member's own series the donor's recorded values from
+the member's step to the donor's (the stretch of the donor's curve its state now comes from)
+and the new hyperparameters at the donor's step. The member's curve thus drops (or rises)
+vertically at the step of the exploit onto the donor's curve and continues from there: it
+never draws a slope that no training produced, and never a curve that pretends the member
+kept its own weights (Ray Tune's cloned trials keep their own log and jump back,
+ray#5312). Hyperparameters are drawn as the step functions they are: a vertical change at
+the step where an exploit or explore set them. A string hyperparameter has no scalar; a bool
+is 0 or 1.
+
+Needs ``tensorboardX`` (``pip install 'poptune[tensorboard]'``), a writer without TensorFlow
+or torch; view with ``tensorboard --logdir LOGDIR`` (the ``tensorboard`` package).
+
+Example:
+    >>> result = experiment.run(loggers=[TensorBoardLogger("tb")])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from poptune.loggers.base import LoggedRun, LoggedStep, Logger
+
+if TYPE_CHECKING:
+    from poptune.result import Event, Result
+
+__all__ = ["TensorBoardLogger"]
+
+_INSTALL = "pip install 'poptune[tensorboard]'"
+
+
+def _modules() -> tuple[Any, Any, Any]:
+    try:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+    except ImportError as e:
+        raise ImportError(
+            f"TensorBoardLogger needs tensorboardX: {_INSTALL} (or pip install tensorboardX)."
+        ) from e
+    return EventsWriter, event_pb2, summary_pb2
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None  # a string (or other) hyperparameter has no scalar
+
+
+class TensorBoardLogger(Logger):
+    """Writes each member's curves, and the best member's ancestry, as TensorBoard scalars.
+
+    Args:
+        logdir: The folder (``tensorboard --logdir`` it); the run's go in ``logdir/RUN``.
+
+    Raises:
+        ImportError: tensorboardX is not installed (the message says what to install).
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str]) -> None:
+        self._writer_class, self._event_pb2, self._summary_pb2 = _modules()
+        self.logdir = os.fspath(logdir)
+        self.root = self.logdir
+        self._writers: dict[str, Any] = {}
+        self._width = 2
+        self._tag = uuid.uuid4().hex[:8]  # two writers of one folder never share a file
+
+    def __repr__(self) -> str:
+        return f"TensorBoardLogger({self.logdir!r})"
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def start(self, run: LoggedRun) -> None:
+        self.root = os.path.join(self.logdir, run.name)
+        self._width = max(2, len(str(max(0, run.population_size - 1))))
+
+    def on_result(self, step: LoggedStep) -> None:
+        self._write(self.member_run(step.member), step.step, step.metrics, step.hparams)
+
+    def on_event(self, event: Event, bridge: Sequence[LoggedStep]) -> None:
+        run = self.member_run(event.member)
+        for s in bridge:  # the donor's curve, from the member's step to the donor's
+            self._write(run, s.step, s.metrics, s.hparams)
+        at = event.donor_step if event.donor_step is not None else event.step
+        if event.donor is None:
+            return  # a fresh replacement: its curve starts with its first step
+        self._write(run, at, {}, event.new_hparams)
+
+    def flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self, result: Result | None) -> None:
+        try:
+            if result is not None and result.members and result.history:
+                self._best(result)
+        finally:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def member_run(self, member: int) -> str:
+        """The TensorBoard run (folder name under ``logdir/RUN``) of a member."""
+        return f"member_{member:0{self._width}d}"
+
+    def _best(self, result: Result) -> None:
+        by_step = {(h.member, h.step): h for h in result.history}
+        for s in result.schedule():
+            record = by_step.get((s.member, s.step))
+            metrics = dict(record.metrics) if record is not None else {}
+            metrics["ancestor"] = float(s.member)
+            self._write("best", s.step, metrics, s.hparams)
+
+    def _write(
+        self, run: str, step: int, metrics: Mapping[str, float], hparams: Mapping[str, Any]
+    ) -> None:
+        summary = self._summary_pb2.Summary()
+        for tag, value in metrics.items():
+            summary.value.add(tag=tag, simple_value=float(value))
+        for name, value in hparams.items():
+            number = _scalar(value)
+            if number is not None and math.isfinite(number):
+                summary.value.add(tag=f"hparams/{name}", simple_value=number)
+        event = self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        self._writer(run).write_event(event)
+
+    def _writer(self, run: str) -> Any:
+        writer = self._writers.get(run)
+        if writer is None:
+            folder = os.path.join(self.root, run)
+            os.makedirs(folder, exist_ok=True)
+            writer = self._writers[run] = self._writer_class(
+                os.path.join(folder, "events"), filename_suffix=f".{os.getpid()}.{self._tag}"
+            )
+        return writer
