@@ -309,6 +309,22 @@ class Result:
         Args:
             member_id: The member; the best member when None.
         """
+        out: list[ScheduleStep] = []
+        for start, stop, member, hparams in self.schedule_segments(member_id):
+            out.extend(ScheduleStep(s, member, hparams) for s in range(start, stop + 1))
+        return out
+
+    def schedule_segments(
+        self, member_id: int | None = None
+    ) -> list[tuple[int, int, int, Mapping[str, Any]]]:
+        """`schedule` in stretches, oldest first: ``(first step, last step, ancestor,
+        hyperparameters)`` for each stretch of the ancestry one ancestor trained with one set of
+        hyperparameters (what a compact view shows; a stretch may be empty when an exploit came
+        before the ancestor's first step).
+
+        Args:
+            member_id: The member; the best member when None.
+        """
         if member_id is None:
             member_id = self.best.id
         end = self.member(member_id).step
@@ -328,10 +344,7 @@ class Result:
             if ev.donor is None:  # a fresh replacement: its ancestry starts here
                 break
             current, end, limit = ev.donor, start, ev.index
-        out: list[ScheduleStep] = []
-        for start, stop, member, hparams in reversed(segments):
-            out.extend(ScheduleStep(s, member, hparams) for s in range(start + 1, stop + 1))
-        return out
+        return [(start + 1, stop, member, hp) for start, stop, member, hp in reversed(segments)]
 
     def lineage(self, member_id: int | None = None) -> list[Event]:
         """The events that made a member's final state, oldest first."""
