@@ -224,9 +224,29 @@ def test_tensorboard_curves_continue_from_the_donor_and_never_go_back(tmp_path: 
     )
 
 
+def test_events_are_encoded_as_tensorboardx_serialises_them() -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2
+
+    from poptune.loggers.tensorboard import EventEncoder
+
+    encoder = EventEncoder()
+    for wall, step, values in [
+        (1.5, 0, []),
+        (1795631092.98, 7, [("Q", 0.5), ("hparams/lr", 1e-3)]),
+        (2.0, 2**40, [("t" * 200, -math.inf), ("nan", math.nan), ("ü/x", 3.0)]),
+    ]:
+        summary = summary_pb2.Summary()
+        for tag, value in values:
+            summary.value.add(tag=tag, simple_value=value)
+        expected = event_pb2.Event(wall_time=wall, step=step, summary=summary)
+        assert encoder.scalars(wall, step, values) == expected.SerializeToString()
+    header = event_pb2.Event(wall_time=3.0, file_version="brain.Event:2")
+    assert EventEncoder.file_version(3.0) == header.SerializeToString()
+
+
 def test_tensorboard_logger_without_tensorboardx_says_what_to_install(monkeypatch: Any) -> None:
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    monkeypatch.setitem(sys.modules, "tensorboardX.event_file_writer", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX.record_writer", None)
     with pytest.raises(ImportError, match=r"pip install 'poptune\[tensorboard\]'"):
         TensorBoardLogger("tb")
 
