@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the replayed member's seed (default: that of the schedule's root ancestor, "
         "as in the run)",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="where to train it (cpu, cuda:0; default: the member's own default)",
+    )
     _add_storage(p)
     p.set_defaults(func=cmd_replay)
 

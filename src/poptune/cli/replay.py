@@ -41,7 +41,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _check_name(target, "Choose another with --name.")
     experiment, _ = load_experiment(info.source)
     started = time.monotonic()
-    done = replay(result, member, experiment=experiment, name=target, seed=args.seed)
+    done = replay(
+        result, member, experiment=experiment, name=target, seed=args.seed, device=args.device
+    )
     seconds = time.monotonic() - started
     schedule = done.result.schedule()
     seed_note = (
