@@ -18,7 +18,8 @@ import poptune as pt
 from poptune.loggers import LoggedRun, LoggedStep, Logger, TensorBoardLogger
 from poptune.result import Event, Result
 
-pytest.importorskip("tensorboardX")
+pytest.importorskip("tensorboardX")  # the reference the files are compared with
+pytest.importorskip("crc32c")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_quadratic.py"
@@ -244,9 +245,24 @@ def test_events_are_encoded_as_tensorboardx_serialises_them() -> None:
     assert EventEncoder.file_version(3.0) == header.SerializeToString()
 
 
-def test_tensorboard_logger_without_tensorboardx_says_what_to_install(monkeypatch: Any) -> None:
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    monkeypatch.setitem(sys.modules, "tensorboardX.record_writer", None)
+def test_event_files_are_framed_as_tensorboardx_frames_them(tmp_path: Path) -> None:
+    from tensorboardX.record_writer import RecordWriter
+
+    from poptune.loggers.tensorboard import EventFile
+
+    records = [b"", b"x", bytes(range(256)) * 3]
+    ours = EventFile(str(tmp_path / "ours"), __import__("crc32c").crc32c)
+    theirs = RecordWriter(str(tmp_path / "theirs"))
+    for data in records:
+        ours.write(data)
+        theirs.write(data)
+    ours.close()
+    theirs.close()
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+
+
+def test_tensorboard_logger_without_crc32c_says_what_to_install(monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "crc32c", None)
     with pytest.raises(ImportError, match=r"pip install 'poptune\[tensorboard\]'"):
         TensorBoardLogger("tb")
 
