@@ -13,9 +13,12 @@ with the training, so this measures the worst case:
    Python (so the feed's reads and writes compete with training for the interpreter while
    it trains), ready every 5, on SQLite.
 
-For each, the wall time of ``run()`` without and with `poptune.loggers.TensorBoardLogger`,
-runs alternated (A B A B...), median of ``--repeats``; the overhead is the difference per
-member-step, and ``in hooks`` is the time the logger's own hooks took (inside that thread).
+For each, ``run()`` without and with `poptune.loggers.TensorBoardLogger`, runs alternated
+(A B A B...), medians of ``--repeats``, the differences per member-step: its wall time; the
+wall time until the executor returned (``training``: with a logger, the feed's last read and
+the close come after it, inside ``run()``); the CPU time of the process, every thread (the
+cost that does not depend on what else the machine runs); and ``hooks``, the wall time the
+logger's own hooks took (inside the feed's thread, waits for the interpreter included).
 
 Run it:  python benchmarks/loggers.py [--repeats 5]
 
@@ -41,7 +44,7 @@ from types import ModuleType
 from typing import Any
 
 import poptune as pt
-from poptune.loggers import LoggedStep, TensorBoardLogger
+from poptune.loggers import LogFeed, LoggedStep, TensorBoardLogger
 from poptune.result import Event, Result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,19 +135,40 @@ CASES: dict[str, tuple[Callable[[int], pt.Experiment], bool]] = {
 }
 
 
+trained_at = {"t": 0.0}
+_stop = LogFeed.stop
+
+
+def _timed_stop(self: LogFeed) -> None:
+    trained_at["t"] = time.perf_counter()  # the executor has returned: training is over
+    _stop(self)
+
+
+LogFeed.stop = _timed_stop  # type: ignore[method-assign]
+
+
 def timed_run(
     make: Callable[[int], pt.Experiment], stored: bool, tmp: str, name: str, logged: bool
-) -> tuple[float, int, float]:
-    """Wall seconds of run(), member-steps trained, seconds inside the logger's hooks."""
+) -> dict[str, float]:
+    """Wall and CPU seconds of run() (CPU: this process, every thread), wall seconds until
+    the executor returned (with a logger: before the feed's last read and close), member-steps
+    trained, seconds inside the logger's hooks."""
     exp = make(0)
     loggers = [TimedTensorBoard(os.path.join(tmp, "tb"))] if logged else None
     TimedTensorBoard.spent = 0.0
     url = f"sqlite:///{tmp}/{name}.db" if stored else None
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = exp.run(url, name, loggers=loggers) if url else exp.run(loggers=loggers)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    training = trained_at["t"] - t if logged else wall
     shutil.rmtree(os.path.join(tmp, "tb"), ignore_errors=True)
-    return wall, len(result.history), TimedTensorBoard.spent
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "training": training,
+        "steps": float(len(result.history)),
+        "hooks": TimedTensorBoard.spent,
+    }
 
 
 def main() -> None:
@@ -163,34 +187,40 @@ def main() -> None:
         f"load {figures['load_before'][0]:.2f})"
     )
     print(
-        f"{'case':<14}{'member-steps':>13}{'without s':>11}{'with s':>9}"
-        f"{'overhead µs/member-step':>25}{'in hooks µs':>13}"
+        f"{'case':<14}{'member-steps':>13}{'wall s':>16}{'training s':>16}{'CPU s':>16}"
+        f"{'overhead µs/member-step':>40}"
+    )
+    print(
+        f"{'':<27}{'without / with':>16}{'without / with':>16}{'without / with':>16}"
+        f"{'wall':>10}{'training':>10}{'CPU':>10}{'hooks':>10}"
     )
     for case, (make, stored) in CASES.items():
-        without, with_, hooks = [], [], []
-        steps = 0
+        runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.repeats):
-                w, steps, _ = timed_run(make, stored, tmp, f"plain{r}", logged=False)
-                without.append(w)
-                w, steps, spent = timed_run(make, stored, tmp, f"logged{r}", logged=True)
-                with_.append(w)
-                hooks.append(spent)
-        a, b, h = statistics.median(without), statistics.median(with_), statistics.median(hooks)
-        over = (b - a) / steps * 1e6
+                for logged in (False, True):
+                    name = f"{'logged' if logged else 'plain'}{r}"
+                    runs[logged].append(timed_run(make, stored, tmp, name, logged))
+        med = {
+            logged: {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+            for logged, rs in runs.items()
+        }
+        a, b = med[False], med[True]
+        steps = a["steps"]
+        per = {k: (b[k] - a[k]) / steps * 1e6 for k in ("wall", "training", "cpu")}
+        per["hooks"] = b["hooks"] / steps * 1e6
         figures["cases"][case] = {
             "member_steps": steps,
-            "without_s": a,
-            "with_s": b,
-            "overhead_us_per_member_step": over,
-            "overhead_fraction": (b - a) / a,
-            "hooks_us_per_member_step": h / steps * 1e6,
-            "without_all_s": without,
-            "with_all_s": with_,
+            "median_without": a,
+            "median_with": b,
+            "overhead_us_per_member_step": per,
+            "runs_without": runs[False],
+            "runs_with": runs[True],
         }
         print(
-            f"{case:<14}{steps:>13}{a:>11.3f}{b:>9.3f}{over:>18.1f} ({(b - a) / a:+.0%})"
-            f"{h / steps * 1e6:>13.1f}"
+            f"{case:<14}{int(steps):>13}"
+            + "".join(f"{a[k]:>8.2f}/{b[k]:<7.2f}" for k in ("wall", "training", "cpu"))
+            + "".join(f"{per[k]:>10.1f}" for k in ("wall", "training", "cpu", "hooks"))
         )
     figures["load_after"] = os.getloadavg()
     print(f"load average after: {figures['load_after'][0]:.2f}")

@@ -167,26 +167,28 @@ def replay(
                     f"`trainable` must build a pt.Trainable, but {exp.trainable!r} returned "
                     f"{type(trainable).__name__}."
                 )
-            current = dict(schedule[0].hparams)
-            trainable.set_hparams(current)
-            trainable.context = MemberContext(
-                run=name, member=record.id, worker="replay", step=0, device=worker_device()
-            )
             results: list[ResultRow] = []
             events: list[Event] = []
             segment: int | None = None
-            for s in schedule:
-                if dict(s.hparams) != current:
-                    segment = len(events)
-                    events.append(_switch(segment, record.id, s.step - 1, current, s.hparams))
-                    current = dict(s.hparams)
-                    trainable.set_hparams(current)
-                metrics, score = read_metrics(trainable.step(), exp.metric)
-                results.append(
-                    ResultRow(record.id, s.step, score, metrics, segment, worker_device())
+            try:
+                current = dict(schedule[0].hparams)
+                trainable.set_hparams(current)
+                trainable.context = MemberContext(
+                    run=name, member=record.id, worker="replay", step=0, device=worker_device()
                 )
-            state = trainable.state_dict()
-            trainable.close()
+                for s in schedule:
+                    if dict(s.hparams) != current:
+                        segment = len(events)
+                        events.append(_switch(segment, record.id, s.step - 1, current, s.hparams))
+                        current = dict(s.hparams)
+                        trainable.set_hparams(current)
+                    metrics, score = read_metrics(trainable.step(), exp.metric)
+                    results.append(
+                        ResultRow(record.id, s.step, score, metrics, segment, worker_device())
+                    )
+                state = trainable.state_dict()
+            finally:
+                trainable.close()
         finally:
             set_worker_device(before)
         end = schedule[-1].step

@@ -410,6 +410,7 @@ def load_result(
     checkpoints: Any = None,
     experiment: Experiment | None = None,
     storage_ref: str | Storage | None = None,
+    history: Sequence[HistoryRecord] | None = None,
 ) -> Result:
     """The `Result` of a run, read back from its storage.
 
@@ -417,7 +418,8 @@ def load_result(
     ``load(location)``), by default the run's own checkpoint folder; `Result.load_member`
     builds members with ``experiment``, by default the one the run's source file defines;
     `Result.replay` records in ``storage_ref`` (the storage's URL, to open it again), by
-    default ``storage`` itself.
+    default ``storage`` itself. ``history``: the run's results as already read, in commit
+    order (a `poptune.loggers.LogFeed` that followed the run), so they are not read again.
     """
     info = storage.get_run(name)
     if info is None:
@@ -439,7 +441,9 @@ def load_result(
             m.id: stored_initial[str(m.id)] for m in members if str(m.id) in stored_initial
         },
         members=sorted(members, key=lambda m: m.id),
-        history=[
+        history=list(history)
+        if history is not None
+        else [
             HistoryRecord(r.member, r.step, r.metrics, r.score, r.segment, r.device)
             for r in storage.results(name)
         ],

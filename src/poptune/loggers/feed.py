@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poptune.loggers.base import LoggedRun, LoggedStep, Logger
-from poptune.result import Event
+from poptune.result import Event, HistoryRecord
 
 if TYPE_CHECKING:
     from poptune.result import Result
@@ -53,6 +53,7 @@ class LogFeed:
         self._backlog: collections.deque[ResultRow] = collections.deque()
         self._initial: Mapping[str, Mapping[str, Any]] = {}
         self._recent: dict[int, collections.deque[LoggedStep]] = {}
+        self._history: list[HistoryRecord] = []  # for the Result handed to close()
         self._keep = 64
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,7 +83,7 @@ class LogFeed:
         try:
             from poptune.execution.session import load_result
 
-            result = load_result(self.storage, self.name)
+            result = load_result(self.storage, self.name, history=self._history)
         except Exception:
             result = None
         if self._started:
@@ -193,6 +194,9 @@ class LogFeed:
             hparams=hparams,
             segment=row.segment,
             device=row.device,
+        )
+        self._history.append(
+            HistoryRecord(row.member, row.step, row.metrics, row.score, row.segment, row.device)
         )
         recent = self._recent.get(row.member)
         if recent is None:
