@@ -155,11 +155,13 @@ def test_loggers_follow_a_run_of_worker_processes(tmp_path: Path) -> None:
         population_size=4,
         steps=120,
         interval=5,
+        exploit=pt.Truncation(0.5),
         seed=3,
     )
     rec = Recorder()
     result = exp.run(f"sqlite:///{tmp_path / 'runs.db'}", "procs", workers=2, loggers=[rec])
-    assert any(e.kind == "exploit" for e in result.events)
+    # How many exploits happen depends on the workers' timing (3 to 28 measured here; none
+    # is possible on a loaded machine): the order is checked for whatever was committed.
     check_commit_order(rec, result)
 
 
