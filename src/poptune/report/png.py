@@ -17,6 +17,7 @@ from poptune.report.scales import member_colour, score_colour
 __all__ = ["FIGURES", "write_pngs"]
 
 ANCESTRY = "#111111"
+HALO = "#f5b800"
 
 
 def _pyplot() -> Any:
@@ -69,6 +70,10 @@ def _curves(report: Report, plt: Any) -> Any:
     n = max(len(report.lanes), s.population)
     fig, ax = plt.subplots(figsize=(10, 4.4))
     width = 1.3 if n <= 16 else 0.8
+    best = [list(zip(*_xy(st, first, last), strict=False)) for st, first, last in _pieces(report)]
+    ax.add_collection(
+        _lines(best, colors=HALO, linewidths=6, alpha=0.55, capstyle="round", zorder=1)
+    )
     lines, colours, jumps, jump_colours, origins = [], [], [], [], []
     for st in report.stretches:
         xs, ys = _xy(st)
@@ -85,13 +90,11 @@ def _curves(report: Report, plt: Any) -> Any:
     if origins:
         ox, oy, oc = zip(*origins, strict=False)
         ax.scatter(ox, oy, s=9, facecolors="none", edgecolors=oc, linewidths=0.7)
-    best = [list(zip(*_xy(st, first, last), strict=False)) for st, first, last in _pieces(report)]
-    ax.add_collection(_lines(best, colors=ANCESTRY, linewidths=2.4, alpha=0.75))
     ax.autoscale_view()
     better = "higher" if s.mode == "max" else "lower"
     ax.set_title(
         f"{s.metric} by step, every member ({better} is better): dashed, a copy from the "
-        "donor's curve; black, the best's ancestry",
+        "donor's curve; gold band, the best's ancestry",
         fontsize=9,
         loc="left",
     )

@@ -30,6 +30,7 @@ __all__ = ["curves", "hparams", "lineage", "schedule"]
 WIDTH = 960
 LEFT, RIGHT, TOP, BOTTOM = 70, 24, 30, 44
 ANCESTRY = "#111111"
+HALO = "#f5b800"  # the best ancestry under the curves: the members' colours stay visible
 
 
 def _num(x: float) -> str:
@@ -225,12 +226,22 @@ def curves(report: Report) -> str:
         LEFT,
         18,
         f"{s.metric} by step, every member ({better} is better): a dashed jump is "
-        "a copy from the donor's curve; black: the best member's ancestry",
+        "a copy from the donor's curve; gold band: the best member's ancestry",
         font_weight="bold",
     )
     _axes(c, x, y, xlabel="step", ylabel=s.metric)
     n = max(len(report.lanes), s.population)
     width = 1.6 if n <= 16 else 1.0
+    for st, first, last in _ancestry_pieces(report):
+        for run in _finite_runs(_points(st, first, last)):
+            c.line(
+                [(x(a), y(b)) for a, b in run],
+                HALO,
+                7,
+                f"best member's ancestry: member {st.member}, steps {first + 1}-{last}",
+                stroke_opacity="0.55",
+                stroke_linecap="round",
+            )
     for st in report.stretches:
         colour = member_colour(st.member, n)
         title = _stretch_title(report, st)
@@ -248,15 +259,6 @@ def curves(report: Report) -> str:
             pts = pts[1:]
         for run in _finite_runs(pts):
             c.line([(x(a), y(b)) for a, b in run], colour, width, title, stroke_opacity="0.85")
-    for st, first, last in _ancestry_pieces(report):
-        for run in _finite_runs(_points(st, first, last)):
-            c.line(
-                [(x(a), y(b)) for a, b in run],
-                ANCESTRY,
-                2.6,
-                f"best member's ancestry: member {st.member}, steps {first + 1}-{last}",
-                stroke_opacity="0.75",
-            )
     if rng is None:
         c.text((LEFT + WIDTH) / 2, height / 2, "no scores yet", anchor="middle", fill="#888888")
     return c.finish()
