@@ -34,13 +34,13 @@ _SCRIPT = """
 const REFRESH = %(refresh)d;
 const live = document.getElementById('live');
 async function tick() {
-  const main = document.getElementById('%(target)s');
+  const main = document.getElementById(%(target)s);
   try {
-    const v = await fetch('%(version)s', {cache: 'no-store'});
+    const v = await fetch(%(version)s, {cache: 'no-store'});
     if (!v.ok) throw new Error('HTTP ' + v.status);
     const version = await v.text();
     if (version !== main.dataset.version) {
-      const s = await fetch('%(section)s', {cache: 'no-store'});
+      const s = await fetch(%(section)s, {cache: 'no-store'});
       if (!s.ok) throw new Error('HTTP ' + s.status);
       main.outerHTML = await s.text();
     }
@@ -79,9 +79,10 @@ def _header(store: Storage, run: str | None = None) -> str:
 def _script(refresh: float, target: str, version: str, section: str) -> str:
     return _SCRIPT % {
         "refresh": max(200, round(refresh * 1000)),
-        "target": target,
-        "version": version,
-        "section": section,
+        # JSON string literals, with "<" escaped so no value can close the <script> element.
+        "target": json.dumps(target).replace("<", "\\u003c"),
+        "version": json.dumps(version).replace("<", "\\u003c"),
+        "section": json.dumps(section).replace("<", "\\u003c"),
     }
 
 
