@@ -213,16 +213,16 @@ def _schedule(report: Report, plt: Any) -> Any:
                 ax.plot([r.start, r.start], [prev, v], color="#888888", lw=0.8, ls=":")
             ax.plot([r.start, r.end], [v, v], color=member_colour(r.member, n), lw=2.5)
             prev = v
-        _value_axis(ax, info, cats)
+        _value_axis(ax, info, cats, bounds=False)
     return fig
 
 
-def _value_axis(ax: Any, info: HparamInfo, cats: list[str] | None) -> None:
+def _value_axis(ax: Any, info: HparamInfo, cats: list[str] | None, bounds: bool = True) -> None:
     if cats is not None:
         ax.set_yticks(range(len(cats)), cats)
     elif info.log:
         ax.set_yscale("log")
-    elif info.low is not None and info.high is not None:
+    elif bounds and info.low is not None and info.high is not None:
         lo, hi = ax.get_ylim()
         lo, hi = min(lo, float(info.low)), max(hi, float(info.high))
         pad = (hi - lo) * 0.04

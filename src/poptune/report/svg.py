@@ -306,6 +306,7 @@ def lineage(report: Report) -> str:
             f"best member's ancestry: member {st.member}, steps {first + 1}-{last}",
         )
     in_ancestry = {(r.member, r.segment) for r in report.ancestry}
+    thin = 1.2 if n <= 16 else 0.8
     for ev in report.events:
         if ev.donor is None or ev.donor == ev.member or ev.donor_step is None:
             if ev.kind == "replace" and ev.donor is None:
@@ -323,7 +324,7 @@ def lineage(report: Report) -> str:
         c.add(
             f'<path d="M{_num(x0)},{_num(y0)} C{_num(x0 + dx)},{_num(y0)} {_num(x0)},{_num(y1)} '
             f'{_num(x0 + dx)},{_num(y1)}" fill="none" stroke="{colour}" '
-            f'stroke-width="{1.6 if strong else 0.8}" stroke-opacity="{0.9 if strong else 0.55}">'
+            f'stroke-width="{1.6 if strong else thin}" stroke-opacity="{0.9 if strong else 0.6}">'
             f"<title>{escape(_event_title(ev))}</title></path>"
         )
         c.marks += 1
@@ -340,12 +341,13 @@ def lineage(report: Report) -> str:
 
 
 def _value_axis(
-    info: HparamInfo, values: Sequence[Any], start: float, stop: float
+    info: HparamInfo, values: Sequence[Any], start: float, stop: float, *, bounds: bool = True
 ) -> tuple[Scale, Any, list[tuple[float, str]] | None]:
-    """A scale for a hyperparameter, a function value -> number, and category ticks if any."""
+    """A scale for a hyperparameter (covering its declared bounds too when ``bounds``), a
+    function value -> number, and category ticks if any."""
     if info.numeric and all(isinstance(v, (int, float)) for v in values):
-        bounds = (info.low, info.high) if info.low is not None else (None, None)
-        scale = Scale.fit([float(v) for v in values], start, stop, log=info.log, bounds=bounds)
+        limits = (info.low, info.high) if bounds and info.low is not None else (None, None)
+        scale = Scale.fit([float(v) for v in values], start, stop, log=info.log, bounds=limits)
         return scale, float, None
     categories = list(info.values) or sorted({str(v) for v in values})
     labels = [str(v) for v in categories]
@@ -380,7 +382,8 @@ def schedule(report: Report) -> str:
     for k, info in enumerate(infos):
         top = TOP + k * (panel + 24) + 6
         values = [r.hparams[info.name] for r in report.ancestry if info.name in r.hparams]
-        y, to_num, cat = _value_axis(info, values, top + panel - 20, top + 4)
+        # Zoomed to the schedule's own values: a change from 4.7e-3 to 3.8e-3 must show.
+        y, to_num, cat = _value_axis(info, values, top + panel - 20, top + 4, bounds=False)
         _axes(
             c,
             Scale(x.low, x.high, x.start, x.stop),
