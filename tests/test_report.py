@@ -181,6 +181,26 @@ def test_large_population_stays_readable_and_light() -> None:
     assert len(html) < 6_000_000
 
 
+def test_a_run_with_no_results_yet_renders(tmp_path: Path) -> None:
+    result = Result(
+        name="new",
+        mode="min",
+        metric="loss",
+        initial_hparams={0: {"lr": 0.1}, 1: {"lr": 0.2}},
+        members=[MemberRecord(m, {"lr": 0.1}, 0, None, "running") for m in (0, 1)],
+        history=[],
+        events=[],
+    )
+    report = build_report(result)
+    assert report.summary.member_steps == 0 and report.score_range() is None
+    html = report_html(report)
+    assert "no scores yet" in html and network_loads(html) == []
+    pytest.importorskip("matplotlib")
+    from poptune.report.png import write_pngs
+
+    assert len(write_pngs(report, tmp_path)) == 4
+
+
 @pytest.fixture
 def blocked_run(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
     """A run training in a background thread, held at its first step after step 10."""
@@ -297,8 +317,10 @@ def test_report_errors_are_one_clear_line(
     assert err.startswith("poptune: error: No run named 'nope'") and "Runs there: done" in err
     file = tmp_path / "file"
     file.write_text("x")
-    assert main(["report", "done", "--storage", url, "--out", str(file)]) == 1
-    assert "is a file" in capsys.readouterr().err
+    assert main(["report", "done", "--storage", url, "--out", str(file)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"poptune: error: --out {file} is a file; give a folder (it is created if needed)."
+    )
 
 
 def test_png_without_matplotlib_says_what_to_install(

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from poptune.cli._common import _check_name, _get_run, _open_existing, _storage_url
+from poptune.cli._common import (
+    USAGE,
+    CLIError,
+    _check_name,
+    _get_run,
+    _open_existing,
+    _storage_url,
+)
 
 #: The HTML file's name inside ``--out``.
 HTML_NAME = "report.html"
@@ -27,7 +34,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         source = store.display_url
     out = args.out or f"{name}-report"
     if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out {out} is a file; give a folder (it is created if needed).")
+        raise CLIError(f"--out {out} is a file; give a folder (it is created if needed).", USAGE)
     os.makedirs(out, exist_ok=True)
     html_path = os.path.join(out, HTML_NAME)
     tmp = html_path + ".tmp"

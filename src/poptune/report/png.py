@@ -157,7 +157,7 @@ def _lineage(report: Report, plt: Any) -> Any:
     every = max(1, math.ceil(n / 32))
     ax.set_yticks(range(0, n, every), [f"m{m}" for m in lanes[::every]])
     ax.set_ylim(n - 0.5, -0.5)
-    ax.set_xlim(0, end)
+    ax.set_xlim(0, max(1, end))
     ax.set_xlabel("step")
     ax.set_title(
         "Lineage: a lane per member, a stretch coloured by its rank at its end (yellow best); "
