@@ -347,3 +347,15 @@ def test_import_poptune_does_not_load_plotting_or_the_web_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "log"),
+    [(1e-5, 1e-2, True), (0.0036, 0.0048, True), (0.0009, 0.0013, True), (-0.4, 1.2, False)],
+)
+def test_every_axis_gets_at_least_two_labelled_ticks(low: float, high: float, log: bool) -> None:
+    from poptune.report.scales import Scale
+
+    scale = Scale.fit([low, high], 0, 100, log=log)
+    ticks = scale.ticks()
+    assert len(ticks) >= 2 and all(scale.low <= t <= scale.high for t in ticks)

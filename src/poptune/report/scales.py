@@ -143,7 +143,12 @@ class Scale:
             out = []
             for d in range(math.floor(lo), math.ceil(hi) + 1):
                 out += [m * 10.0**d for m in (1, 2, 5)]
-            return [v for v in out if self.low <= v <= self.high]
+            out = [v for v in out if self.low <= v <= self.high]
+            if len(out) >= 2:
+                return out
+            # Less than a factor of 2.5 wide: round values, evenly spaced, still labelled.
+            linear = Scale(self.low, self.high, self.start, self.stop).ticks(count)
+            return [v for v in linear if v > 0]
         step = _nice_step(self.high - self.low, count)
         first = math.ceil(self.low / step) * step
         out = []
