@@ -193,3 +193,29 @@ def test_dashboard_follows_a_live_run_in_chromium(chromium: Any, tmp_path: Path)
         _stop(run)
         if dashboard is not None:
             _stop(dashboard)
+
+
+def test_a_run_is_read_again_only_when_it_changed(
+    stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("httpx2")
+    from starlette.testclient import TestClient
+
+    import poptune.report.data as data
+    from poptune.report.dashboard import create_app
+
+    reads: list[str] = []
+    real = data.read_report
+
+    def counting(store: Any, name: str, **kw: Any) -> Any:
+        reads.append(name)
+        return real(store, name, **kw)
+
+    monkeypatch.setattr(data, "read_report", counting)
+    with open_storage(stored) as store, TestClient(create_app(store)) as c:
+        for _ in range(3):
+            assert c.get("/runs/done/section").status_code == 200
+        assert reads == ["done"]
+        store.update_run("done", status="interrupted")  # any change to the run
+        assert 'data-status="interrupted"' in c.get("/runs/done/section").text
+        assert reads == ["done", "done"]

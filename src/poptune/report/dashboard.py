@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -136,7 +137,23 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
     from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from poptune.report.data import read_report, run_version
+    from poptune.report.data import Report, read_report, run_version
+
+    # The last report read of each run, by its version: every open page asks every few
+    # seconds, and reading a large run (64 members x 1000 steps) takes a second or two.
+    cache: dict[str, Report] = {}
+    lock = threading.Lock()
+
+    def report_of(name: str) -> Report:
+        version = run_version(store, name)
+        with lock:
+            cached = cache.get(name)
+        if cached is not None and cached.version == version:
+            return cached
+        report = read_report(store, name)
+        with lock:
+            cache[name] = report
+        return report
 
     def missing(name: str) -> Response:
         names = [r.name for r in store.list_runs()]
@@ -166,7 +183,7 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
         name = request.path_params["name"]
         if store.get_run(name) is None:
             return missing(name)
-        report = read_report(store, name)
+        report = report_of(name)
         base = f"/runs/{name}"
         script = _script(refresh, "report", f"{base}/version", f"{base}/section")
         download = f' &middot; <a href="{escape(base)}/report.html" download>report.html</a>'
@@ -183,7 +200,7 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
         name = request.path_params["name"]
         if store.get_run(name) is None:
             return missing(name)
-        return HTMLResponse(report_section(read_report(store, name)))
+        return HTMLResponse(report_section(report_of(name)))
 
     def version(request: Request) -> Response:
         name = request.path_params["name"]
@@ -193,7 +210,7 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
         name = request.path_params["name"]
         if store.get_run(name) is None:
             return missing(name)
-        return HTMLResponse(report_html(read_report(store, name), source=store.display_url))
+        return HTMLResponse(report_html(report_of(name), source=store.display_url))
 
     def summary_json(request: Request) -> Response:
         from dataclasses import asdict
@@ -203,7 +220,7 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
         name = request.path_params["name"]
         if store.get_run(name) is None:
             return missing(name)
-        data = jsonable(asdict(read_report(store, name).summary))
+        data = jsonable(asdict(report_of(name).summary))
         return Response(json.dumps(data), media_type="application/json")
 
     async def failed(request: Request, exc: Exception) -> Response:

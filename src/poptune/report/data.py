@@ -487,12 +487,15 @@ def read_report(store: Storage, name: str, *, now: float | None = None) -> Repor
     from poptune.execution.session import load_result
     from poptune.storage.base import StorageError
 
+    # The version is read first: if the run moves on while it is read, the report carries
+    # an older version than its content and a dashboard reads it again, never the reverse.
+    version = run_version(store, name)
     info = store.get_run(name)
     if info is None:
         raise StorageError(f"No run named {name!r} in {store.display_url}.")
     result = load_result(store, name)
     report = build_report(result, info, store.failures(name), now=now)
-    return _with_version(report, run_version(store, name))
+    return _with_version(report, version)
 
 
 def _digest(text: str) -> str:
