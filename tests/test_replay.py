@@ -131,6 +131,13 @@ def test_replay_is_recorded_as_a_run_of_its_own(tmp_path: Path) -> None:
         }
         assert info.config["population_size"] == 1
     assert (tmp_path / "runs-checkpoints" / replay.name).is_dir()
+    # The report's views read it like any run (its schedule is the one it followed).
+    from poptune.export import result_to_json
+    from poptune.report.data import read_report
+
+    with pt.storage.open_storage(db) as store:
+        assert read_report(store, replay.name).members
+    assert len(result_to_json(again)["schedule"]) == toy.STEPS
 
 
 def test_replay_errors_say_what_is_wrong() -> None:
