@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from poptune.controller import PBT, Decision, MemberState
 from poptune.execution.session import ConfigMismatch, RunFailed, RunInterrupted, RunOptions
 from poptune.experiment import Experiment
+from poptune.replay import Replay
 from poptune.result import Event, HistoryRecord, MemberRecord, Result, ScheduleStep
 from poptune.space import Choice, Float, Int, Parameter, Space
 from poptune.strategies import (
@@ -46,7 +47,7 @@ def load(storage: "str | Storage", name: str) -> Result:
 
     store = open_storage(storage)
     try:
-        return load_result(store, name)
+        return load_result(store, name, storage_ref=storage)
     finally:
         if store is not storage:
             store.close()
@@ -72,6 +73,7 @@ __all__ = [
     "MemberState",
     "Parameter",
     "Perturb",
+    "Replay",
     "Resample",
     "Result",
     "RunFailed",

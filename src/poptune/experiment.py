@@ -14,6 +14,7 @@ from poptune.trainable import Trainable
 
 if TYPE_CHECKING:
     from poptune.execution.session import RunOptions
+    from poptune.loggers import Logger
     from poptune.storage.base import Storage
 
 __all__ = ["Experiment"]
@@ -202,6 +203,7 @@ class Experiment:
         options: RunOptions | None = None,
         source: str | None = None,
         devices: Sequence[str] | None = None,
+        loggers: Sequence[Logger] | None = None,
     ) -> Result:
         """Runs the experiment and returns its `Result`.
 
@@ -236,6 +238,11 @@ class Experiment:
                 `poptune.trainable.worker_device`. Without ``workers``: one worker per
                 device. None: as the run was last executed, else every visible GPU (one
                 worker each) when the members use torch and CUDA is present, else none.
+            loggers: `poptune.loggers.Logger` objects (`poptune.loggers.TensorBoardLogger`)
+                fed every result and lineage event as the run commits them, read back from
+                the storage by a thread of this process (`poptune.loggers.LogFeed`): never in
+                a worker or a training step. They receive the run's whole history, a resumed
+                run's included, and are closed when `run` returns or raises.
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
@@ -261,6 +268,7 @@ class Experiment:
             source=source,
             options=options,
             devices=devices,
+            loggers=loggers,
         )
 
     def __repr__(self) -> str:

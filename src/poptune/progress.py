@@ -2,7 +2,10 @@
 
 `RunProgress` reads a run through its own storage object (so it can live in a background
 thread while the training owns the main thread) and renders it with rich: a header with the
-run's name, exploits, failures, elapsed and estimated remaining time, and a table of members.
+run's name, member-steps trained against the budget, exploits, failures, elapsed and estimated
+remaining time; a table of members; the best member's schedule so far; and the latest
+exploits, as ``member 3 <- member 7 at step 120: lr 0.012 -> 0.0096`` (what explore changed in
+the donor's hyperparameters).
 `ProgressDisplay` drives it: a rich ``Live`` view on a terminal, a plain line every few seconds
 elsewhere, or nothing.
 
@@ -27,7 +30,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from poptune.result import MemberRecord, Result
+from poptune.result import Event, MemberRecord, Result
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -39,6 +42,9 @@ __all__ = [
     "RunProgress",
     "Snapshot",
     "best_member",
+    "compact_schedule",
+    "describe_event",
+    "format_changes",
     "format_duration",
     "format_hparams",
     "format_score",
@@ -95,6 +101,70 @@ def best_member(info: RunInfo, rows: Sequence[MemberRow]) -> MemberRecord | None
     return view.best
 
 
+def format_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """``lr 0.012 -> 0.0096, batch 32 -> 64``: the hyperparameters whose value changed (as
+    shown: a change too small for 4 significant digits is left out)."""
+    pairs = ((k, format_value(before.get(k)), format_value(v)) for k, v in after.items())
+    return ", ".join(f"{k} {old} -> {new}" for k, old, new in pairs if old != new)
+
+
+def describe_event(event: Event, donor_hparams: Mapping[str, Any] | None) -> str:
+    """One line for a lineage event, e.g. ``member 3 <- member 7 at step 120: lr 0.012 ->
+    0.0096``: who copied whom at which step, and what explore changed in the hyperparameters
+    it took (``donor_hparams``, the donor's at the time; the member's own for an explore).
+    """
+    if event.kind == "schedule":  # a replay switching hyperparameters (poptune.replay)
+        head = f"member {event.member} follows its schedule at step {event.step}"
+        changes = format_changes(event.old_hparams, event.new_hparams)
+    elif event.kind == "explore" or event.donor == event.member:
+        head = f"member {event.member} explores at step {event.step}"
+        changes = format_changes(event.old_hparams, event.new_hparams)
+    elif event.donor is None:
+        head = f"member {event.member} (new) at step {event.step}"
+        changes = format_hparams(event.new_hparams)
+    else:
+        who = "replacement " if event.kind == "replace" else ""
+        head = f"{who}member {event.member} <- member {event.donor} at step {event.step}"
+        if event.donor_step is not None and event.donor_step != event.step:
+            head += f" (member {event.donor}'s step {event.donor_step})"
+        changes = format_changes(donor_hparams or {}, event.new_hparams)
+    return f"{head}: {changes or 'no change'}"
+
+
+def compact_schedule(
+    segments: Sequence[tuple[int, int, int, Mapping[str, Any]]], last: int = 4
+) -> str:
+    """``1-8 h0=1 h1=0 | 9-40 h0=0.93 | 41-200 h1=0.12``: the stretches of a schedule
+    (`poptune.Result.schedule_segments`) with their hyperparameters, the first shown in full
+    and the others by what changed; stretches with equal hyperparameters merged; only the
+    ``last`` ones, after a count of the earlier."""
+    merged: list[list[Any]] = []
+    for first, end, _, hparams in segments:
+        if end < first:
+            continue
+        if merged and merged[-1][2] == dict(hparams):
+            merged[-1][1] = end
+        else:
+            merged.append([first, end, dict(hparams)])
+    if not merged:
+        return ""
+    shown = merged[-last:]
+    parts = []
+    previous: Mapping[str, Any] | None = None
+    for first, end, hparams in shown:
+        span = f"{first}-{end}" if end > first else f"{first}"
+        if previous is None:
+            text = format_hparams(hparams)
+        else:
+            text = " ".join(
+                f"{k}={format_value(v)}" for k, v in hparams.items() if previous.get(k) != v
+            )
+        parts.append(f"{span} {text}".rstrip())
+        previous = hparams
+    earlier = len(merged) - len(shown)
+    return (f"({earlier} earlier) " if earlier else "") + " | ".join(parts)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What `RunProgress` last read of a run.
@@ -106,6 +176,9 @@ class Snapshot:
         events: Events of every kind.
         failures: Exceptions recorded from user code.
         taken: ``time.monotonic()`` when it was read.
+        trained: Member-steps committed (results recorded, retrained steps included).
+        recent: The latest lineage events as lines (`describe_event`), oldest first.
+        schedule: The best member's schedule so far, compactly (`compact_schedule`).
     """
 
     info: RunInfo | None
@@ -114,6 +187,14 @@ class Snapshot:
     events: int = 0
     failures: int = 0
     taken: float = 0.0
+    trained: int = 0
+    recent: tuple[str, ...] = ()
+    schedule: str = ""
+
+    @property
+    def budget(self) -> int:
+        """Member-steps the run is to train: ``population * steps``."""
+        return self.population * self.steps
 
     @property
     def population(self) -> int:
@@ -150,16 +231,24 @@ class RunProgress:
     Args:
         storage_url: The run's storage URL.
         name: The run's name.
+        recent: How many of the latest lineage events the view shows.
     """
 
-    def __init__(self, storage_url: str, name: str) -> None:
+    def __init__(self, storage_url: str, name: str, *, recent: int = 5) -> None:
         self.storage_url = storage_url
         self.name = name
+        self.recent = recent
         self.started = time.monotonic()
         self._store: Storage | None = None
         self._snapshot: Snapshot | None = None
         self._origin: tuple[float, float] | None = None  # (time, fraction) of the first read
         self._lock = threading.Lock()
+        # Followed incrementally (`Storage.results` and `events` with start=): each record is
+        # read once, not at every look.
+        self._trained = 0
+        self._events: list[Event] = []
+        self._lines: list[str] = []
+        self._hparams: dict[int, Mapping[str, Any]] = {}  # each member's, after the events read
 
     def poll(self) -> Snapshot:
         """Reads the run now; returns the new snapshot, or the last one if reading failed."""
@@ -185,15 +274,47 @@ class RunProgress:
         if info is None:
             return Snapshot(info=None, taken=time.monotonic())
         members = tuple(store.members(self.name))
-        events = store.events(self.name)
+        initial = info.config.get("initial_population") or {}
+        for data in store.events(self.name, start=len(self._events)):
+            event = Event.from_dict(data)
+            donor = None
+            if event.donor is not None:
+                donor = self._hparams.get(event.donor, initial.get(str(event.donor)))
+            self._lines.append(describe_event(event, donor))
+            self._hparams[event.member] = event.new_hparams
+            self._events.append(event)
+        self._trained += len(store.results(self.name, start=self._trained))
         return Snapshot(
             info=info,
             members=members,
-            exploits=sum(1 for e in events if e.get("kind") == "exploit"),
-            events=len(events),
+            exploits=sum(1 for e in self._events if e.kind == "exploit"),
+            events=len(self._events),
             failures=len(store.failures(self.name)),
             taken=time.monotonic(),
+            trained=self._trained,
+            recent=tuple(self._lines[-self.recent :]),
+            schedule=self._schedule(info, members, initial),
         )
+
+    def _schedule(
+        self, info: RunInfo, members: Sequence[MemberRow], initial: Mapping[str, Any]
+    ) -> str:
+        best = best_member(info, members)
+        if best is None or best.score is None:
+            return ""
+        view = Result(
+            name=info.name,
+            mode=str(info.config.get("mode", "max")),
+            metric=str(info.config.get("metric", "score")),
+            initial_hparams={int(k): v for k, v in initial.items()},
+            members=[MemberRecord.from_state(r.state) for r in members],
+            history=[],
+            events=self._events,
+        )
+        try:
+            return f"member {best.id}: " + compact_schedule(view.schedule_segments(best.id))
+        except KeyError:  # an ancestor this view cannot see (written by an older version)
+            return ""
 
     def _close_store(self) -> None:
         store, self._store = self._store, None
@@ -224,7 +345,8 @@ class RunProgress:
         return (snap.taken - t0) * (1.0 - f) / (f - f0)
 
     def header(self, snap: Snapshot | None = None) -> Text:
-        """One line: run, status, progress, exploits, failures, elapsed, remaining."""
+        """One line: run, status, progress, member-steps trained against the budget
+        (``population * steps``), exploits, failures, elapsed, remaining."""
         snap = snap or self.snapshot
         elapsed = format_duration(time.monotonic() - self.started)
         text = Text()
@@ -234,6 +356,7 @@ class RunProgress:
             return text
         left = self.remaining(snap)
         text.append(f" · {snap.info.status} {snap.fraction:.0%}")
+        text.append(f" · {snap.trained}/{snap.budget} member-steps")
         text.append(f" · {snap.exploits} exploits")
         text.append(f" · {snap.failures} failures", style="red" if snap.failures else "")
         text.append(f" · {elapsed} elapsed")
@@ -265,12 +388,31 @@ class RunProgress:
             )
         return table
 
+    def lineage(self, snap: Snapshot | None = None) -> Text:
+        """The best member's schedule so far and the latest exploits, one per line."""
+        snap = snap or self.snapshot
+        text = Text()
+        if snap.schedule:
+            text.append("best schedule ", style="bold")
+            text.append(snap.schedule)
+        if snap.recent:
+            if snap.schedule:
+                text.append("\n")
+            text.append("latest exploits", style="bold")
+            for line in snap.recent:
+                text.append("\n  " + line)
+        return text
+
     def render(self) -> RenderableType:
-        """The header and the member table, from the last snapshot (reads one if none)."""
+        """The header, the member table, the best member's schedule and the latest exploits,
+        from the last snapshot (reads one if none)."""
         snap = self.snapshot
         if snap.info is None:
             return self.header(snap)
-        return Group(self.header(snap), self.table(snap))
+        parts: list[RenderableType] = [self.header(snap), self.table(snap)]
+        if snap.schedule or snap.recent:
+            parts.append(self.lineage(snap))
+        return Group(*parts)
 
     def line(self, snap: Snapshot | None = None) -> str:
         """The view as one plain line, for logs."""
@@ -287,6 +429,7 @@ class RunProgress:
         )
         return (
             f"[{elapsed}] run {self.name}: {snap.fraction:.0%}, {best_text}, "
+            f"{snap.trained}/{snap.budget} member-steps, "
             f"exploits {snap.exploits}, failures {snap.failures}, "
             f"remaining {'~' + format_duration(left) if left is not None else '?'}"
         )

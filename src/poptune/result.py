@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from poptune.replay import Replay
 
 __all__ = ["Event", "HistoryRecord", "MemberRecord", "Result", "ScheduleStep", "StateAccess"]
 
@@ -130,13 +133,16 @@ class ScheduleStep:
 @dataclass(frozen=True)
 class StateAccess:
     """Where a run's member states are: each member's current checkpoint location, the store
-    that reads them (or a function returning it, opened when first needed), and how to build
-    a member (the experiment, or the ``FILE.py:NAME`` it was loaded from)."""
+    that reads them (or a function returning it, opened when first needed), how to build
+    a member (the experiment, or the ``FILE.py:NAME`` it was loaded from), and the storage
+    the run is kept in (a URL or a `poptune.storage.base.Storage`; `Result.replay` records
+    there)."""
 
     locations: Mapping[int, str | None]
     store: Any = None
     experiment: Any = None
     source: str | None = None
+    storage: Any = None
 
     def opened(self) -> Any:
         store = self.store
@@ -231,6 +237,42 @@ class Result:
             set_worker_device(before)
         return trainable
 
+    def replay(
+        self,
+        member: int | None = None,
+        *,
+        experiment: Any = None,
+        storage: Any = None,
+        name: str | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+    ) -> Replay:
+        """Trains one fresh member from scratch along a member's schedule (the best member's
+        by default), records it as a run of its own (``RUN-replay-mID``, in this run's
+        storage unless ``storage`` says otherwise) and returns a `poptune.replay.Replay`:
+        its score beside the original's, and its `Result`.
+
+        The member is built by ``experiment`` (by default the one that ran, or the one its
+        ``FILE.py:NAME`` source defines) with the seed of the schedule's root ancestor, or
+        ``seed``. See `poptune.replay.replay` for the arguments and the seed rule.
+
+        Example:
+            >>> replay = result.replay()  # doctest: +SKIP
+            >>> print(replay)  # doctest: +SKIP
+            Q (max) at step 200: original 1.19883 (run quad, member 1), replayed 1.19883 ...
+        """
+        from poptune.replay import replay
+
+        return replay(
+            self,
+            member,
+            experiment=experiment,
+            storage=storage,
+            name=name,
+            seed=seed,
+            device=device,
+        )
+
     @property
     def best(self) -> MemberRecord:
         """The member with the best latest score (failed members excluded; NaN ranks worst)."""
@@ -267,6 +309,22 @@ class Result:
         Args:
             member_id: The member; the best member when None.
         """
+        out: list[ScheduleStep] = []
+        for start, stop, member, hparams in self.schedule_segments(member_id):
+            out.extend(ScheduleStep(s, member, hparams) for s in range(start, stop + 1))
+        return out
+
+    def schedule_segments(
+        self, member_id: int | None = None
+    ) -> list[tuple[int, int, int, Mapping[str, Any]]]:
+        """`schedule` in stretches, oldest first: ``(first step, last step, ancestor,
+        hyperparameters)`` for each stretch of the ancestry one ancestor trained with one set of
+        hyperparameters (what a compact view shows; a stretch may be empty when an exploit came
+        before the ancestor's first step).
+
+        Args:
+            member_id: The member; the best member when None.
+        """
         if member_id is None:
             member_id = self.best.id
         end = self.member(member_id).step
@@ -286,10 +344,7 @@ class Result:
             if ev.donor is None:  # a fresh replacement: its ancestry starts here
                 break
             current, end, limit = ev.donor, start, ev.index
-        out: list[ScheduleStep] = []
-        for start, stop, member, hparams in reversed(segments):
-            out.extend(ScheduleStep(s, member, hparams) for s in range(start + 1, stop + 1))
-        return out
+        return [(start + 1, stop, member, hp) for start, stop, member, hp in reversed(segments)]
 
     def lineage(self, member_id: int | None = None) -> list[Event]:
         """The events that made a member's final state, oldest first."""

@@ -563,6 +563,26 @@ def test_results_keep_their_lineage_segment(storage: Storage) -> None:
     assert [r.segment for r in storage.results(RUN)] == [None, None, 0, 7, 2**31 - 1]
 
 
+def test_results_and_events_from_a_start_read_only_the_newer_ones(storage: Storage) -> None:
+    """``results(start=n)`` is ``results()[n:]``, across runs sharing the storage (and
+    ``events(start=n)`` is ``events()[n:]``): what a reader that has seen n results (a logger
+    following the run) reads next."""
+    storage.create_run(RUN, {}, "fp")
+    storage.create_run("other", {}, "fp")
+    rows = [ResultRow(m, s, float(s), {"x": float(m)}) for s in (1, 2, 3) for m in (0, 1)]
+    for i, row in enumerate(rows):
+        with storage.transaction(RUN) as tx:
+            tx.add_results([row])
+        with storage.transaction("other") as tx:  # interleaved rows of another run
+            tx.add_results([ResultRow(9, i, 0.0, {})])
+    for start in (0, 1, 4, 6, 10):
+        assert_exact(storage.results(RUN, start=start), rows[start:], f"start={start}")
+    with storage.transaction(RUN) as tx:
+        tx.add_events([event(i, i) for i in range(4)])
+    for start in (0, 3, 4, 9):
+        assert storage.events(RUN, start=start) == storage.events(RUN)[start:]
+
+
 # -- events -----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@
     poptune report toy_quadratic                     # HTML report and PNG figures
     poptune dashboard                                # live views of every run, in a browser
     poptune resume toy_quadratic                     # continues an interrupted run
+    poptune replay toy_quadratic                     # the best schedule, trained from scratch
     poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
 
 Every command's ``--storage`` defaults to ``$POPTUNE_STORAGE``, else ``sqlite:///poptune.db``.
@@ -39,6 +40,7 @@ from poptune.cli._common import (
 from poptune.cli.dashboard import cmd_dashboard
 from poptune.cli.delete import cmd_delete
 from poptune.cli.export import cmd_export
+from poptune.cli.replay import cmd_replay
 from poptune.cli.report import cmd_report
 from poptune.cli.run import cmd_resume, cmd_run
 from poptune.cli.status import cmd_status
@@ -104,6 +106,13 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show no live progress, only the final summary",
     )
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="write each member's metrics and hyperparameters, and the best member's "
+        "ancestry, as TensorBoard scalars in DIR/RUN (needs poptune[tensorboard])",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "replay",
+        help="train one fresh member from scratch along a member's schedule, recorded as a run",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "--member",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="the member whose schedule to replay (default: the best member)",
+    )
+    p.add_argument("--name", metavar="NAME", help="the replay's run name (default: RUN-replay-mID)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the replayed member's seed (default: that of the schedule's root ancestor, "
+        "as in the run)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="where to train it (cpu, cuda:0; default: the member's own default)",
+    )
+    _add_storage(p)
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
         "report",

@@ -30,6 +30,7 @@ from poptune.cli._common import (
 if TYPE_CHECKING:
     from poptune.execution.session import RunOptions
     from poptune.experiment import Experiment
+    from poptune.loggers import Logger
     from poptune.progress import Mode
     from poptune.result import Result
     from poptune.storage.base import RunInfo
@@ -79,6 +80,7 @@ def _train(
     from poptune.progress import ProgressDisplay
 
     options = _run_options(args)
+    loggers = _loggers(args)  # before training: a missing extra fails at once
     with _open_storage(url) as store:  # fails early and clearly; creates the schema once
         before = store.get_run(name)
     if url.startswith("postgresql"):
@@ -98,6 +100,7 @@ def _train(
                 options=options,
                 source=source,
                 devices=_devices(args),
+                loggers=loggers,
             )
     except KeyboardInterrupt:
         print(
@@ -110,7 +113,26 @@ def _train(
         first = _first_line(str(e)).rstrip(":")
         raise CLIError(f"{first}; see `poptune status {name}{_storage_flag(url)}`") from None
     _summary(result, url, name, time.monotonic() - started, before=before)
+    if args.tensorboard is not None:
+        where = os.path.abspath(args.tensorboard)
+        _stdout().print(
+            f"TensorBoard:   tensorboard --logdir {where}  (run {name}: one curve per member, "
+            "and best)",
+            markup=False,
+            highlight=False,
+            overflow="ignore",
+            crop=False,
+        )
     return 0
+
+
+def _loggers(args: argparse.Namespace) -> list[Logger]:
+    """The loggers the command line asks for (``--tensorboard DIR``)."""
+    if args.tensorboard is None:
+        return []
+    from poptune.loggers import TensorBoardLogger
+
+    return [TensorBoardLogger(args.tensorboard)]
 
 
 def _note_shared_checkpoints(url: str, name: str, root: str | None) -> None:

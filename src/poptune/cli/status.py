@@ -96,6 +96,13 @@ def _status_run(store: Storage, name: str) -> None:
         f"  source       {info.source or '- (started from Python)'}",
         f"  created      {_when(info.created)}, updated {_when(info.updated)}",
     ]
+    replay = cfg.get("replay")
+    if isinstance(replay, dict):  # recorded by `poptune replay` (poptune.replay)
+        facts.insert(
+            -1,
+            f"  replay of    run {replay.get('run')}, member {replay.get('member')} (seed "
+            f"{replay.get('seed')}, root ancestor member {replay.get('root')})",
+        )
     if info.error:
         facts.append(f"  error        {_first_line(info.error)}")
     for line in facts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from poptune.storage.folders import default_checkpoint_root
 
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
+    from poptune.loggers import Logger
     from poptune.result import Result
     from poptune.storage.base import Storage
 
@@ -51,6 +53,7 @@ def execute(
     source: str | None = None,
     options: RunOptions | None = None,
     devices: Sequence[str] | None = None,
+    loggers: Sequence[Logger] | None = None,
 ) -> Result:
     """Runs (or resumes) ``experiment`` as run ``name`` in ``storage``; see `Experiment.run`."""
     import multiprocessing
@@ -114,22 +117,31 @@ def execute(
             },
         )
     ckpt: Any = MemoryCheckpointStore() if in_memory else None
-    if info.status != "completed":
-        if ckpt is None:
-            from poptune.storage.checkpoints import CheckpointStore
+    feed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if loggers:
+        from poptune.loggers import LogFeed
 
-            assert root is not None
-            ckpt = CheckpointStore(root)
-            ckpt.cleanup_temporary(name)
-        if executor == "serial":
-            from poptune.execution.serial import run_serial
+        # Follows what the executor commits, from a thread of this process: one mechanism for
+        # every executor, and nothing on a worker's path.
+        feed = LogFeed(store, name, loggers)
+    with feed:
+        if info.status != "completed":
+            if ckpt is None:
+                from poptune.storage.checkpoints import CheckpointStore
 
-            run_serial(experiment, store, name, ckpt, options, devices[0] if devices else None)
-        else:
-            from poptune.execution.processes import run_processes
+                assert root is not None
+                ckpt = CheckpointStore(root)
+                ckpt.cleanup_temporary(name)
+            if executor == "serial":
+                from poptune.execution.serial import run_serial
 
-            assert url is not None and root is not None
-            run_processes(experiment, store, url, name, root, workers, options, source, devices)
+                device = devices[0] if devices else None
+                run_serial(experiment, store, name, ckpt, options, device)
+            else:
+                from poptune.execution.processes import run_processes
+
+                assert url is not None and root is not None
+                run_processes(experiment, store, url, name, root, workers, options, source, devices)
     final = store.get_run(name)
     if final is None or final.status != "completed":
         status = final.status if final is not None else "gone"
@@ -139,7 +151,11 @@ def execute(
         )
     # An in-memory run's checkpoints live in this process; a stored run's in its folder.
     result = load_result(
-        store, name, checkpoints=ckpt if in_memory else None, experiment=experiment
+        store,
+        name,
+        checkpoints=ckpt if in_memory else None,
+        experiment=experiment,
+        storage_ref=url if url is not None else store,
     )
     _warn_if_unscored(result)
     return result

@@ -409,12 +409,17 @@ def load_result(
     *,
     checkpoints: Any = None,
     experiment: Experiment | None = None,
+    storage_ref: str | Storage | None = None,
+    history: Sequence[HistoryRecord] | None = None,
 ) -> Result:
     """The `Result` of a run, read back from its storage.
 
     Its `Result.load_state` reads the members' checkpoints from ``checkpoints`` (a store with
     ``load(location)``), by default the run's own checkpoint folder; `Result.load_member`
-    builds members with ``experiment``, by default the one the run's source file defines.
+    builds members with ``experiment``, by default the one the run's source file defines;
+    `Result.replay` records in ``storage_ref`` (the storage's URL, to open it again), by
+    default ``storage`` itself. ``history``: the run's results as already read, in commit
+    order (a `poptune.loggers.LogFeed` that followed the run), so they are not read again.
     """
     info = storage.get_run(name)
     if info is None:
@@ -436,7 +441,9 @@ def load_result(
             m.id: stored_initial[str(m.id)] for m in members if str(m.id) in stored_initial
         },
         members=sorted(members, key=lambda m: m.id),
-        history=[
+        history=list(history)
+        if history is not None
+        else [
             HistoryRecord(r.member, r.step, r.metrics, r.score, r.segment, r.device)
             for r in storage.results(name)
         ],
@@ -446,6 +453,7 @@ def load_result(
             store=checkpoints,
             experiment=experiment,
             source=info.source,
+            storage=storage_ref if storage_ref is not None else storage,
         ),
     )
 

@@ -410,12 +410,17 @@ class Storage(abc.ABC):
         """Every member of the run, by id."""
 
     @abc.abstractmethod
-    def results(self, name: str) -> list[ResultRow]:
-        """Every result of the run, in commit order."""
+    def results(self, name: str, *, start: int = 0) -> list[ResultRow]:
+        """Every result of the run, in commit order; from the ``start``-th on (0-based).
+
+        Results are only ever appended, by exclusive transactions (rule 1), so a reader that
+        has seen ``n`` results reads only the newer ones with ``start=n``: how loggers and the
+        progress view follow a run without reading its whole history at every look.
+        """
 
     @abc.abstractmethod
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Every event of the run, by index."""
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
+        """Every event of the run, by index; those with index ``start`` or more."""
 
     @abc.abstractmethod
     def checkpoints(self, name: str) -> list[CheckpointRow]:

@@ -250,13 +250,13 @@ class InMemoryStorage(Storage):
             run = self._get(name)
             return [_freeze_member(run.members[k]) for k in sorted(run.members)]
 
-    def results(self, name: str) -> list[ResultRow]:
+    def results(self, name: str, *, start: int = 0) -> list[ResultRow]:
         with self._lock:
-            return [_copy_result(r) for r in self._get(name).results]
+            return [_copy_result(r) for r in self._get(name).results[max(0, start) :]]
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(self._get(name).events)
+            return copy.deepcopy(self._get(name).events[max(0, start) :])
 
     def checkpoints(self, name: str) -> list[CheckpointRow]:
         with self._lock:

@@ -688,14 +688,17 @@ class SQLStorage(Storage):
     def members(self, name: str) -> list[MemberRow]:
         return list(self._read(name, _read_members))
 
-    def results(self, name: str) -> list[ResultRow]:
+    def results(self, name: str, *, start: int = 0) -> list[ResultRow]:
         def read(conn: Connection, run_id: int) -> list[ResultRow]:
             r = results_table
-            rows = conn.execute(
+            query = (
                 sa.select(r.c.member, r.c.step, r.c.score, r.c.metrics, r.c.segment, r.c.device)
                 .where(r.c.run_id == run_id)
                 .order_by(r.c.id)
             )
+            if start > 0:
+                query = query.offset(start)
+            rows = conn.execute(query)
             return [
                 ResultRow(
                     x.member,
@@ -710,10 +713,12 @@ class SQLStorage(Storage):
 
         return list(self._read(name, read))
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str, *, start: int = 0) -> list[dict[str, Any]]:
         def read(conn: Connection, run_id: int) -> list[dict[str, Any]]:
             e = events_table
-            rows = conn.execute(sa.select(e).where(e.c.run_id == run_id).order_by(e.c.idx))
+            rows = conn.execute(
+                sa.select(e).where(e.c.run_id == run_id, e.c.idx >= start).order_by(e.c.idx)
+            )
             return [
                 {
                     "index": x.idx,
