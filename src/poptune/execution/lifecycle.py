@@ -155,11 +155,15 @@ def deferred_interrupts() -> Iterator[None]:
 
     Storage commits run inside: an interrupt never lands in the middle of a database call
     (which printed driver tracebacks and could leave a run marked running). Only the main
-    thread receives signals; elsewhere this does nothing.
+    thread receives signals; elsewhere this does nothing, and so it does where Ctrl-C is
+    ignored (a worker process) or only asks a worker to stop (a handler marked
+    ``poptune_graceful``, as `poptune.execution.worker.work` installs: it raises nothing).
     """
+    handler = signal.getsignal(signal.SIGINT)
     if (
         threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a worker process: ignored
+        or handler is signal.SIG_IGN  # a worker process: ignored
+        or getattr(handler, "poptune_graceful", False)
     ):
         yield
         return
