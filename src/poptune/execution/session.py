@@ -35,6 +35,7 @@ __all__ = [
     "RunInterrupted",
     "RunOptions",
     "controller_from",
+    "differences",
     "fingerprint",
     "load_result",
     "member_rows",
@@ -312,7 +313,7 @@ def prepare_run(
             if info is None:
                 raise
     if info.fingerprint != fp:
-        diff = _differences(info.config, config)
+        diff = differences(info.config, config)
         if not resume:
             raise ConfigMismatch(
                 f"Run {name!r} exists in {storage.display_url} with a different configuration "
@@ -379,7 +380,8 @@ def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:
         tx.set_status("interrupted")
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Which keys two configurations differ in: ``"differs in: steps, interval"``."""
     keys = sorted(set(old) | set(new))
     diffs = [k for k in keys if old.get(k) != new.get(k)]
     return "differs in: " + ", ".join(diffs) if diffs else "same keys"

@@ -211,15 +211,27 @@ def work(
             signal.signal(sig, handler)
 
 
-def join_run(storage: Storage, run: str) -> str:
-    """Marks a run that nobody is training (``created``, or ``interrupted``) as running, so that
-    workers joining it train it; returns its status before (a run in any other status is left
-    as it is)."""
+def join_run(
+    storage: Storage, run: str, heartbeat_timeout: float | None = None
+) -> tuple[str, float]:
+    """Prepares a stored run for a worker that joins it, atomically: a run nobody is training
+    (``created``, or ``interrupted``) is marked running, and a run that records no heartbeat
+    timeout gets ``heartbeat_timeout`` (default 30 s), so that every worker judges the others
+    by the same one.
+
+    Returns:
+        The run's status before, and its heartbeat timeout (the recorded one, if any: the
+        caller checks it against what it was asked for).
+    """
     with committing(storage, run) as tx:
-        status = tx.run().status
-        if status in ("created", "interrupted"):
+        info = tx.run()
+        stored = info.execution.get("heartbeat_timeout")
+        if stored is None:
+            stored = 30.0 if heartbeat_timeout is None else heartbeat_timeout
+            tx.set_execution({**info.execution, "heartbeat_timeout": float(stored)})
+        if info.status in ("created", "interrupted"):
             tx.set_status("running")
-    return status
+    return info.status, float(stored)
 
 
 class Worker:

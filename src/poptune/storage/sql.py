@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -276,6 +277,14 @@ class _SQLTransaction(Transaction):
             .where(runs_table.c.id == self._run_id)
             .values(status=status, error=error, updated=time.time())
         )
+
+    def set_execution(self, execution: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == self._run_id)
+            .values(execution=dict(execution), updated=time.time())
+        )
+        self._info = replace(self.run(), execution=dict(execution))
 
     def add_results(self, rows: Sequence[ResultRow]) -> None:
         if rows:
