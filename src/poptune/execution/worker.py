@@ -78,6 +78,7 @@ class Stretch:
         step: The step it reached (its ready point, or the last step).
         score: Its score at ``step``.
         commit_seconds: How long the commit took, waiting for the run's lock included.
+        committed_at: When the commit ended (``time.time()`` of this machine).
     """
 
     member: int
@@ -85,6 +86,7 @@ class Stretch:
     step: int
     score: float
     commit_seconds: float
+    committed_at: float
 
 
 @dataclass
@@ -404,7 +406,8 @@ class Worker:
         # Kept at the checkpoint just written: the decision (an exploit names another) takes
         # effect at the next restore, inside the failure path.
         self.cache.put(mid, location, trainable)
-        stretch = Stretch(mid, start, step, results[-1].score if results else float("nan"), seconds)
+        score = results[-1].score if results else float("nan")
+        stretch = Stretch(mid, start, step, score, seconds, time.time())
         self.report.stretches.append(stretch)
         if self.on_commit is not None:
             self.on_commit(stretch)
