@@ -393,7 +393,7 @@ class Lifecycle:
             batches.append(pbt.collect())
         events = self._lineage(tx, pbt, batches, refs, changes, {})
         rows = member_rows(pbt, stored, changes)
-        write_population(tx, pbt, rows)
+        write_population(tx, pbt, rows, stored)
         tx.add_results(results)
         tx.add_events(events)
         return Committed(rows, retention(tx, self.options.keep_checkpoints, rows))
@@ -494,7 +494,7 @@ class Lifecycle:
         refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
         events = self._lineage(tx, pbt, batches, refs, changes, {new.member: "replace"})
         rows = member_rows(pbt, stored, changes)
-        write_population(tx, pbt, rows)
+        write_population(tx, pbt, rows, stored)
         tx.add_events(events)
         return "replaced", Committed(rows)
 

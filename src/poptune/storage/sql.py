@@ -234,10 +234,15 @@ class _SQLTransaction(Transaction):
         if not rows:
             return
         m = members_table
-        existing = {
-            r[0] for r in self._conn.execute(sa.select(m.c.id).where(m.c.run_id == self._run_id))
-        }
         values = [_member_values(self._run_id, row) for row in rows]
+        # Only these members' ids: a claim or a commit writes one member or a few.
+        ids = sorted({v["id"] for v in values})
+        existing = {
+            r[0]
+            for r in self._conn.execute(
+                sa.select(m.c.id).where(m.c.run_id == self._run_id, m.c.id.in_(ids))
+            )
+        }
         updates = [v for v in values if v["id"] in existing]
         inserts = [v for v in values if v["id"] not in existing]
         if inserts:
