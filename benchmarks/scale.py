@@ -24,8 +24,8 @@ Figures, over the window:
 Run it:  python benchmarks/scale.py [--members 100,300,1000] [--workers 2,4,16] [--seconds 30]
          [--postgres URL] [--profile]
 
-``--profile`` runs one worker of the largest configuration under cProfile and prints where its
-time goes. Needs a PostgreSQL server where the user may create databases (default
+``--profile`` runs one worker of the most members with the fewest workers under cProfile and
+prints where its time goes. Needs a PostgreSQL server where the user may create databases (default
 ``$POPTUNE_TEST_POSTGRES_URL``, else ``postgresql+psycopg://postgres@127.0.0.1:5432/test``).
 It prints a table and writes ``benchmarks/results/scale.json``. On a machine with fewer cores
 than workers the processes share the cores; the JSON records the machine and its load.
@@ -274,7 +274,7 @@ def main() -> None:
     print(head)
     for members in sizes:
         for workers in counts:
-            profile = args.profile and members == max(sizes) and workers == max(counts)
+            profile = args.profile and members == max(sizes) and workers == min(counts)
             row = measure(args.postgres, members, workers, args.seconds, profile)
             rows.append(row)
             doubles = row["double_claims_overlaps"] + row["double_claims_repeats"]
