@@ -235,14 +235,13 @@ class _SQLTransaction(Transaction):
             return
         m = members_table
         values = [_member_values(self._run_id, row) for row in rows]
-        # Only these members' ids: a claim or a commit writes one member or a few.
+        # Only these members' ids: a claim or a commit writes one member or a few. (Many
+        # rows: every id, as one IN list could pass SQLite's limit of 999 variables.)
         ids = sorted({v["id"] for v in values})
-        existing = {
-            r[0]
-            for r in self._conn.execute(
-                sa.select(m.c.id).where(m.c.run_id == self._run_id, m.c.id.in_(ids))
-            )
-        }
+        query = sa.select(m.c.id).where(m.c.run_id == self._run_id)
+        if len(ids) <= 500:
+            query = query.where(m.c.id.in_(ids))
+        existing = {r[0] for r in self._conn.execute(query)}
         updates = [v for v in values if v["id"] in existing]
         inserts = [v for v in values if v["id"] not in existing]
         if inserts:
