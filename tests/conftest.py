@@ -10,6 +10,8 @@ Fixtures:
     pg_server_url: (session) URL of the server's base database, checked reachable.
     postgres_url: (session) URL of a fresh database shared by the whole test session.
     pg_url: (function) URL of a fresh, empty database for one test.
+    chromium: (session) a headless Chromium for browser tests (skipped without one, unless
+        ``POPTUNE_REQUIRE_CHROMIUM=1``, set in CI).
 """
 
 from __future__ import annotations
@@ -113,3 +115,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in _PG_FIXTURES):
             item.add_marker(pytest.mark.postgres)
+
+
+#: The Chromium the browser tests drive (Debian's `chromium` package), through Playwright.
+CHROMIUM = os.environ.get("POPTUNE_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[object]:
+    """A headless Chromium (a Playwright ``Browser``); skips when there is none, unless
+    ``POPTUNE_REQUIRE_CHROMIUM=1`` (set in CI), which makes the tests fail instead."""
+    problem = None
+    if not os.path.exists(CHROMIUM):
+        problem = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set POPTUNE_CHROMIUM)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError as e:
+            problem = f"{e} (pip install playwright; its own browsers are not needed)"
+    if problem is not None:
+        if os.environ.get("POPTUNE_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(f"{problem} (POPTUNE_REQUIRE_CHROMIUM=1)", pytrace=False)
+        pytest.skip(problem)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
 from poptune.execution.source import load_experiment
@@ -107,3 +108,12 @@ def test_digits_hparams_reach_every_param_group_after_a_load(torch_and_sklearn: 
     groups = member.opt.param_groups
     assert groups and all(g["lr"] == 2e-4 and g["weight_decay"] == 3e-5 for g in groups)
     assert member.hparams == {"lr": 2e-4, "weight_decay": 3e-5}
+
+
+def test_digits_are_scikit_learns_bundled_digits(torch_and_sklearn: Any) -> None:
+    from sklearn.datasets import load_digits
+
+    x, y = wl._bundled_digits()
+    want_x, want_y = load_digits(return_X_y=True)
+    assert np.array_equal(x, want_x)
+    assert np.array_equal(y, want_y)

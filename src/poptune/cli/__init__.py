@@ -6,6 +6,8 @@
     poptune status                                   # every run in ./poptune.db
     poptune status toy_quadratic                     # one run's population and failures
     poptune export toy_quadratic --format csv        # history, events, best schedule
+    poptune report toy_quadratic                     # HTML report and PNG figures
+    poptune dashboard                                # live views of every run, in a browser
     poptune resume toy_quadratic                     # continues an interrupted run
     poptune worker toy_quadratic --storage postgresql://...  # trains it from another machine
     poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
@@ -35,8 +37,10 @@ from poptune.cli._common import (
     _positive_int,
     _scrub,
 )
+from poptune.cli.dashboard import cmd_dashboard
 from poptune.cli.delete import cmd_delete
 from poptune.cli.export import cmd_export
+from poptune.cli.report import cmd_report
 from poptune.cli.run import cmd_resume, cmd_run
 from poptune.cli.status import cmd_status
 from poptune.cli.worker import cmd_worker
@@ -233,6 +237,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "report",
+        help="write a run's report: one self-contained HTML file and PNG figures",
+        description="Writes DIR/report.html (works offline: nothing is fetched) and "
+        "curves.png, lineage.png, schedule.png, hparams.png (matplotlib: pip install "
+        "'poptune[plot]') into --out, created if needed. Files of those names are replaced; "
+        "nothing else in the folder is touched. Works on finished, running and crashed runs.",
+    )
+    p.add_argument("run", metavar="RUN")
+    _add_storage(p)
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="folder to write (default RUN-report)"
+    )
+    p.add_argument("--no-png", action="store_true", help="write only the HTML file")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="serve live views of every run in a storage, in a browser",
+        description="Serves the report's views for every run in the storage, refreshed while "
+        "runs progress (pip install 'poptune[dashboard]'). Binds 127.0.0.1 unless --host says "
+        "otherwise: anyone who can reach the port can read the runs.",
+    )
+    _add_storage(p)
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8050,
+        metavar="P",
+        help="TCP port (default 8050; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="H",
+        help="address to bind (default 127.0.0.1, this machine only)",
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between the pages' checks for new results (default 2)",
+    )
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser(
         "delete", help="delete a run: its records and its checkpoint folder (asks first)"

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -124,6 +125,26 @@ def worker_main(
             if errors is not None and not (started is not None and started.is_set()):
                 errors.put(f"{type(exc).__name__}: {exc}")
             raise
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """Ends a worker process that finished cleanly without the interpreter's teardown.
+
+    Everything is committed, released and closed by now; tearing down torch's and
+    scikit-learn's modules would take about a second per process (measured on 2 cores), which
+    the coordinator spends waiting: on a short run that alone costs a tenth of the speed-up of
+    a second worker. Only in a child process: called in the main process it would end it.
+    """
+    if mp.parent_process() is None:
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def _release_worker(storage: Storage, name: str, pid: int) -> None:

@@ -1,0 +1,1 @@
+"""Reports of runs: plain data (`data`), inline-SVG HTML (`html`), PNG figures (`png`)."""

@@ -1,0 +1,280 @@
+"""The live dashboard: the report's views for every run in a storage, refreshed as runs go on.
+
+A Starlette application (``pip install 'poptune[dashboard]'``: Starlette and uvicorn, imported
+only here). It only reads the storage, through one `Storage` object shared by its request
+threads (storages are thread-safe, rule 6 of `poptune.storage.base`).
+
+Pages:
+
+* ``/``: every run, with status, progress and best score; the list refreshes itself.
+* ``/runs/RUN``: the run's report (`poptune.report.html.report_section`); a small inline
+  script asks ``/runs/RUN/version`` every few seconds (a cheap read of the run's record and
+  members) and reloads the report from ``/runs/RUN/section`` when it changed.
+* ``/runs/RUN/report.html``: the self-contained report file, as ``poptune report`` writes it.
+
+Nothing is fetched from the network by a page; the pages' script is inline.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from poptune.report.data import _digest
+from poptune.report.html import page, report_html, report_section
+
+if TYPE_CHECKING:
+    from poptune.storage.base import Storage
+
+__all__ = ["create_app", "serve"]
+
+_SCRIPT = """
+const REFRESH = %(refresh)d;
+const live = document.getElementById('live');
+async function tick() {
+  const main = document.getElementById(%(target)s);
+  try {
+    const v = await fetch(%(version)s, {cache: 'no-store'});
+    if (!v.ok) throw new Error('HTTP ' + v.status);
+    const version = await v.text();
+    if (version !== main.dataset.version) {
+      const s = await fetch(%(section)s, {cache: 'no-store'});
+      if (!s.ok) throw new Error('HTTP ' + s.status);
+      main.outerHTML = await s.text();
+    }
+    live.textContent = 'live: checked ' + new Date().toLocaleTimeString();
+    live.className = 'ok';
+  } catch (e) {
+    live.textContent = 'could not refresh (' + e.message + '); showing the last view';
+    live.className = 'error';
+  }
+  setTimeout(tick, REFRESH);
+}
+setTimeout(tick, REFRESH);
+"""
+
+
+def _dependencies() -> tuple[Any, Any]:
+    try:
+        import starlette
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(
+            f"The dashboard needs Starlette and uvicorn ({e}); install them with: "
+            "pip install 'poptune[dashboard]'"
+        ) from None
+    return starlette, uvicorn
+
+
+def _header(store: Storage, run: str | None = None) -> str:
+    crumbs = '<a href="/">runs</a>' + (f" / {escape(run)}" if run else "")
+    return (
+        f"<b>poptune dashboard</b> &middot; {escape(store.display_url)} &middot; {crumbs} "
+        '&middot; <span id="live">live</span>'
+    )
+
+
+def _script(refresh: float, target: str, version: str, section: str) -> str:
+    return _SCRIPT % {
+        "refresh": max(200, round(refresh * 1000)),
+        # JSON string literals, with "<" escaped so no value can close the <script> element.
+        "target": json.dumps(target).replace("<", "\\u003c"),
+        "version": json.dumps(version).replace("<", "\\u003c"),
+        "section": json.dumps(section).replace("<", "\\u003c"),
+    }
+
+
+def _runs_section(store: Storage) -> str:
+    from poptune.progress import Snapshot, best_member, format_score
+
+    runs = store.list_runs()
+    if not runs:
+        where = escape(store.display_url)
+        body = f"<p>No runs in {where} yet; this page shows them as they start.</p>"
+        version = "0"
+    else:
+        rows = []
+        parts = []
+        for info in runs:
+            members = tuple(store.members(info.name))
+            snap = Snapshot(info=info, members=members)
+            best = best_member(info, members)
+            score = format_score(best.score) if best is not None else "-"
+            parts.append(f"{info.name}:{info.status}:{snap.fraction}:{score}")
+            rows.append(
+                f'<tr data-run="{escape(info.name)}"><td class="l">'
+                f'<a href="/runs/{escape(info.name)}">{escape(info.name)}</a></td>'
+                f'<td class="l">{escape(info.status)}</td><td>{len(members)}</td>'
+                f"<td>{snap.fraction:.0%}</td><td>{escape(score)}</td>"
+                f'<td class="l">{escape(str(info.config.get("metric", "score")))} '
+                f"({escape(str(info.config.get('mode', 'max')))})</td></tr>"
+            )
+        body = (
+            '<table id="runs"><thead><tr><th class="l">run</th><th class="l">status</th>'
+            '<th>members</th><th>progress</th><th>best score</th><th class="l">metric</th>'
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+        version = _digest("|".join(parts))
+    return (
+        f'<main id="runs-list" data-version="{version}"><h1>Runs</h1>{body}'
+        '<p class="note">A run\'s page shows its report and follows it while it runs.</p></main>'
+    )
+
+
+def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
+    """The dashboard's Starlette application over ``store`` (which the caller closes).
+
+    Args:
+        store: The storage whose runs it shows.
+        refresh: Seconds between a page's checks for new results.
+    """
+    _dependencies()
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from poptune.report.data import Report, read_report, run_version
+
+    # The last report read of each run, by its version: every open page asks every few
+    # seconds, and reading a large run (64 members x 1000 steps) takes a second or two.
+    cache: dict[str, Report] = {}
+    lock = threading.Lock()
+
+    def report_of(name: str) -> Report:
+        version = run_version(store, name)
+        with lock:
+            cached = cache.get(name)
+        if cached is not None and cached.version == version:
+            return cached
+        report = read_report(store, name)
+        with lock:
+            cache[name] = report
+        return report
+
+    def missing(name: str) -> Response:
+        names = [r.name for r in store.list_runs()]
+        there = (
+            "Runs there: "
+            + ", ".join(f'<a href="/runs/{escape(n)}">{escape(n)}</a>' for n in names)
+            if names
+            else "It holds no runs."
+        )
+        body = f"<main><h1>No run named {escape(name)!s}</h1><p>{there}</p></main>"
+        return HTMLResponse(page("poptune: no such run", body, header=_header(store)), 404)
+
+    def index(request: Request) -> Response:
+        script = _script(refresh, "runs-list", "/runs-version", "/runs-section")
+        html = page("poptune dashboard", _runs_section(store), header=_header(store), script=script)
+        return HTMLResponse(html)
+
+    def runs_section(request: Request) -> Response:
+        return HTMLResponse(_runs_section(store))
+
+    def runs_version(request: Request) -> Response:
+        section = _runs_section(store)
+        start = section.index('data-version="') + len('data-version="')
+        return PlainTextResponse(section[start : section.index('"', start)])
+
+    def run_page(request: Request) -> Response:
+        name = request.path_params["name"]
+        if store.get_run(name) is None:
+            return missing(name)
+        report = report_of(name)
+        base = f"/runs/{name}"
+        script = _script(refresh, "report", f"{base}/version", f"{base}/section")
+        download = f' &middot; <a href="{escape(base)}/report.html" download>report.html</a>'
+        return HTMLResponse(
+            page(
+                f"poptune: {name}",
+                report_section(report),
+                header=_header(store, name) + download,
+                script=script,
+            )
+        )
+
+    def run_section(request: Request) -> Response:
+        name = request.path_params["name"]
+        if store.get_run(name) is None:
+            return missing(name)
+        return HTMLResponse(report_section(report_of(name)))
+
+    def version(request: Request) -> Response:
+        name = request.path_params["name"]
+        return PlainTextResponse(run_version(store, name), status_code=200)
+
+    def run_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        if store.get_run(name) is None:
+            return missing(name)
+        return HTMLResponse(report_html(report_of(name), source=store.display_url))
+
+    def summary_json(request: Request) -> Response:
+        from dataclasses import asdict
+
+        from poptune.export import jsonable
+
+        name = request.path_params["name"]
+        if store.get_run(name) is None:
+            return missing(name)
+        data = jsonable(asdict(report_of(name).summary))
+        return Response(json.dumps(data), media_type="application/json")
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        # A storage that is briefly unreadable (locked, restarting): the page keeps its view.
+        from poptune.cli._common import _scrub
+
+        text = _scrub(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return PlainTextResponse(f"could not read the storage: {text}", status_code=503)
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/runs-section", runs_section),
+            Route("/runs-version", runs_version),
+            Route("/runs/{name}", run_page),
+            Route("/runs/{name}/section", run_section),
+            Route("/runs/{name}/version", version),
+            Route("/runs/{name}/report.html", run_file),
+            Route("/runs/{name}/summary.json", summary_json),
+        ],
+        exception_handlers={Exception: failed},
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``.
+
+    Raises:
+        OSError: The port is in use or the address cannot be bound; the message says which.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot bind --host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise OSError(
+                f"port {port} on {host} is in use; pick another with --port (0 picks a free one)"
+            ) from None
+        raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(store: Storage, sock: socket.socket, *, refresh: float = 2.0) -> None:
+    """Serves the dashboard on a bound socket until Ctrl-C (or SIGTERM)."""
+    _, uvicorn = _dependencies()
+    app = create_app(store, refresh=refresh)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    uvicorn.Server(config).run(sockets=[sock])
