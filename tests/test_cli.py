@@ -608,7 +608,7 @@ def test_a_bad_poptune_storage_is_named_and_its_password_hidden(tmp_path: Path) 
     assert "hunter2pw" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "resume", "status", "export", "delete"])
+@pytest.mark.parametrize("command", ["run", "resume", "worker", "status", "export", "delete"])
 def test_every_command_documents_poptune_storage(command: str, tmp_path: Path) -> None:
     proc = poptune(command, "--help", cwd=tmp_path, env={"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr

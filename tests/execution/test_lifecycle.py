@@ -281,3 +281,75 @@ def test_synchronous_replacement_delivers_every_decision_on_time(env: Any, tmp_p
     # Every generation is judged at the same steps for every member, replacement included.
     judged = {e.step for e in result.events if e.kind != "replace"}
     assert judged <= {5, 10, 15, 20, 25, 30, 35}
+
+
+def test_a_commit_writes_only_the_members_it_changed(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's commit stores the rows it changed and leaves the others alone: the stored
+    population is the same as when every row was written (one commit of a member copying
+    another, replayed both ways on two copies of one run), but a commit at 1,000 members no
+    longer rewrites 1,000 rows under the run's lock."""
+    import poptune.execution.lifecycle as lifecycle
+    from poptune.execution.session import write_population
+
+    env(pop=6, interval=1, noise=0)
+    changed = _commit_twice(tmp_path / "changed.db")
+    monkeypatch.setattr(
+        lifecycle,
+        "write_population",
+        lambda tx, pbt, rows, stored=None: write_population(tx, pbt, rows),
+    )
+    every = _commit_twice(tmp_path / "all.db")
+    assert changed[1] == every[1]
+    assert changed[1][0][2] in ("c4", "c5")  # member 0, the worst, copied a top member
+    assert every[0] == [0, 1, 2, 3, 4, 5]
+    assert changed[0] == [0]
+
+
+def _commit_twice(path: Path) -> tuple[list[int], list[tuple[Any, ...]]]:
+    """Members 1-5 commit step 1 (scores 1-5), then member 0 (score -1): the rows the second
+    commit wrote, and every member's row afterwards."""
+    from poptune.execution.lifecycle import Lifecycle, Trained
+    from poptune.execution.session import controller_from, prepare_run
+    from poptune.storage.base import ResultRow
+
+    def trained(mid: int, score: float) -> Trained:
+        return Trained(mid, 1, [ResultRow(mid, 1, score, {"score": score})], f"c{mid}", 1)
+
+    store = open_storage(f"sqlite:///{path}")
+    prepare_run(experiment(), store, "r")
+    life = Lifecycle(experiment(), store, "r", _NoFiles(), pt.RunOptions(), "w")
+    with store.transaction("r") as tx:
+        stored = {r.id: r for r in tx.members()}
+        for mid in range(6):
+            stored[mid] = tx.claim(mid, "w", 30.0, known=stored)
+        pbt = controller_from(experiment(), tx.run(), stored.values())
+        first = [trained(mid, float(mid)) for mid in range(1, 6)]
+        life.commit(tx, pbt, first, stored, keep_owner=False)
+    puts: list[int] = []
+    with store.transaction("r") as tx:
+        stored = {r.id: r for r in tx.members()}
+        pbt = controller_from(experiment(), tx.run(), stored.values())
+        put = tx.put_members
+
+        def counted(rows: Any) -> None:
+            puts.extend(r.id for r in rows)
+            put(rows)
+
+        tx.put_members = counted  # type: ignore[method-assign]
+        life.commit(tx, pbt, [trained(0, -1.0)], stored, keep_owner=False)
+    rows = [(r.state, r.owner, r.checkpoint, r.checkpoint_step) for r in store.members("r")]
+    store.close()
+    return sorted(puts), rows
+
+
+class _NoFiles:
+    def save(self, run: str, member: int, step: int, state: object) -> Any:
+        raise AssertionError("not used")
+
+    def load(self, location: str) -> object:
+        raise AssertionError("not used")
+
+    def delete(self, location: str) -> None:
+        pass

@@ -1025,6 +1025,27 @@ def test_set_status_in_a_transaction_round_trips(storage: Storage) -> None:
     assert (info.status, info.error) == ("running", None)
 
 
+def test_set_execution_in_a_transaction_is_atomic(storage: Storage) -> None:
+    """tx.set_execution replaces the execution record with the transaction's other writes, and
+    not at all when the transaction is rolled back."""
+    storage.create_run(RUN, {}, "fp")
+    with storage.transaction(RUN) as tx:
+        tx.set_execution({"heartbeat_timeout": 2.5, "workers": 3})
+        tx.set_status("running")
+    info = storage.get_run(RUN)
+    assert info is not None
+    assert (dict(info.execution), info.status) == (
+        {"heartbeat_timeout": 2.5, "workers": 3},
+        "running",
+    )
+    with pytest.raises(RuntimeError), storage.transaction(RUN) as tx:
+        tx.set_execution({"heartbeat_timeout": 9.0})
+        raise RuntimeError("rolled back")
+    info = storage.get_run(RUN)
+    assert info is not None
+    assert dict(info.execution) == {"heartbeat_timeout": 2.5, "workers": 3}
+
+
 # -- snapshots --------------------------------------------------------------------------------
 
 

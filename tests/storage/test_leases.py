@@ -197,3 +197,39 @@ print(json.dumps({{
     assert seen["my_pid_there"] is False  # what fooled the old same-host check
     assert seen["same_namespace"] is False
     assert seen["alive"] is True
+
+
+def test_two_workers_with_the_same_pid_in_two_namespaces_are_two_live_workers(
+    in_new_pid_namespace: Callable[[str], str],
+) -> None:
+    """Two workers, each pid 1 of its own PID namespace on this host (two containers with one
+    host name): their ids differ, and each judges the other by its heartbeat alone, neither as
+    itself nor as dead because the pid it names is (or is not) alive in its own namespace."""
+    first = json.loads(
+        in_new_pid_namespace(
+            "import json; from poptune.storage import leases\n"
+            "print(json.dumps({'id': leases.new_worker_id(), 'ns': leases.namespace_id()}))"
+        )
+    )
+    code = f"""
+import json, os
+from poptune.storage import leases
+other = {first["id"]!r}
+print(json.dumps({{
+    "id": leases.new_worker_id(),
+    "pid": os.getpid(),
+    "same_namespace": leases.same_process_namespace(other),
+    "same_process": leases.from_local_process(other, os.getpid()),
+    "fresh": leases.owner_alive(other, 100.0, 30.0, 101.0),
+    "stale": leases.owner_alive(other, 100.0, 30.0, 200.0),
+}}))
+"""
+    second = json.loads(in_new_pid_namespace(code))
+    one, two = parse_worker_id(first["id"]), parse_worker_id(second["id"])
+    assert one is not None and two is not None
+    assert (one.host, one.pid) == (two.host, two.pid) == (HOST, 1) == (HOST, second["pid"])
+    assert one.namespace != two.namespace and first["id"] != second["id"]
+    assert one.namespace == first["ns"]
+    assert second["same_namespace"] is False and second["same_process"] is False
+    assert (second["fresh"], second["stale"]) == (True, False)
+    assert not same_process_namespace(first["id"]) and owner_alive(first["id"], **FRESH)

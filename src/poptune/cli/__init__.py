@@ -10,6 +10,7 @@
     poptune dashboard                                # live views of every run, in a browser
     poptune resume toy_quadratic                     # continues an interrupted run
     poptune replay toy_quadratic                     # the best schedule, trained from scratch
+    poptune worker toy_quadratic --storage postgresql://...  # trains it from another machine
     poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
 
 Every command's ``--storage`` defaults to ``$POPTUNE_STORAGE``, else ``sqlite:///poptune.db``.
@@ -44,6 +45,7 @@ from poptune.cli.replay import cmd_replay
 from poptune.cli.report import cmd_report
 from poptune.cli.run import cmd_resume, cmd_run
 from poptune.cli.status import cmd_status
+from poptune.cli.worker import cmd_worker
 
 __all__ = ["build_parser", "main"]
 
@@ -51,6 +53,24 @@ __all__ = ["build_parser", "main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise CLIError(f"{message} (see `{self.prog} --help`)", USAGE)
+
+
+class _IntermixedParser(_Parser):
+    """Takes positionals among the options: ``poptune worker RUN --storage URL FILE.py``
+    (plain argparse leaves an optional positional after an option unparsed)."""
+
+    _inside = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inside:  # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -150,6 +170,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
     _add_execution(p)
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "worker",
+        help="claim and train members of a stored run, from this or any other machine",
+        description="Joins a run kept in a storage (PostgreSQL for several machines) and trains "
+        "its members until the run is completed, then exits 0. The run's checkpoint folder "
+        "must be reachable here at the same path (or be an fsspec URL). SIGINT or SIGTERM "
+        "stop it after the current step and release its member (exit 130).",
+    )
+    p.__class__ = _IntermixedParser  # add_parser takes no parser class of its own
+    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "file",
+        metavar="FILE.py[:NAME]",
+        nargs="?",
+        help="the file defining the run's experiment on this machine (default: the file the "
+        "run was started from); its configuration must be the run's",
+    )
+    _add_storage(p)
+    p.add_argument(
+        "--device", default=None, metavar="DEVICE", help="the device members train on (cuda:1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="math-library threads of this worker (default: OMP_NUM_THREADS, else the "
+        "libraries' own default; give each of several workers on a machine its share)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="only for a run started without one: seconds without a heartbeat before a worker "
+        "is presumed dead (default: the run's, else 30)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retries of a failing step before its member is replaced (default 2)",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the summary, not every stretch"
+    )
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("status", help="list runs, or show one run's population and failures")
     p.add_argument("run", metavar="RUN", nargs="?")

@@ -114,6 +114,9 @@ def execute(
                 "executor": executor,
                 "workers": workers,
                 "devices": devices,
+                # Every worker of the run judges the others by one timeout: `poptune worker`
+                # on another machine reads it here.
+                "heartbeat_timeout": options.heartbeat_timeout,
             },
         )
     ckpt: Any = MemoryCheckpointStore() if in_memory else None

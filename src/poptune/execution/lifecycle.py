@@ -155,11 +155,15 @@ def deferred_interrupts() -> Iterator[None]:
 
     Storage commits run inside: an interrupt never lands in the middle of a database call
     (which printed driver tracebacks and could leave a run marked running). Only the main
-    thread receives signals; elsewhere this does nothing.
+    thread receives signals; elsewhere this does nothing, and so it does where Ctrl-C is
+    ignored (a worker process) or only asks a worker to stop (a handler marked
+    ``poptune_graceful``, as `poptune.execution.worker.work` installs: it raises nothing).
     """
+    handler = signal.getsignal(signal.SIGINT)
     if (
         threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a worker process: ignored
+        or handler is signal.SIG_IGN  # a worker process: ignored
+        or getattr(handler, "poptune_graceful", False)
     ):
         yield
         return
@@ -389,7 +393,7 @@ class Lifecycle:
             batches.append(pbt.collect())
         events = self._lineage(tx, pbt, batches, refs, changes, {})
         rows = member_rows(pbt, stored, changes)
-        write_population(tx, pbt, rows)
+        write_population(tx, pbt, rows, stored)
         tx.add_results(results)
         tx.add_events(events)
         return Committed(rows, retention(tx, self.options.keep_checkpoints, rows))
@@ -490,7 +494,7 @@ class Lifecycle:
         refs = {mid: (r.checkpoint, r.checkpoint_step) for mid, r in stored.items()}
         events = self._lineage(tx, pbt, batches, refs, changes, {new.member: "replace"})
         rows = member_rows(pbt, stored, changes)
-        write_population(tx, pbt, rows)
+        write_population(tx, pbt, rows, stored)
         tx.add_events(events)
         return "replaced", Committed(rows)
 

@@ -35,6 +35,7 @@ __all__ = [
     "RunInterrupted",
     "RunOptions",
     "controller_from",
+    "differences",
     "fingerprint",
     "load_result",
     "member_rows",
@@ -235,8 +236,21 @@ def member_rows(
     return out
 
 
-def write_population(tx: Transaction, pbt: PBT, rows: Sequence[MemberRow]) -> None:
-    """Stores the members' rows and the controller-wide state (generation, pending)."""
+def write_population(
+    tx: Transaction,
+    pbt: PBT,
+    rows: Sequence[MemberRow],
+    stored: Mapping[int, MemberRow] | None = None,
+) -> None:
+    """Stores the members' rows and the controller-wide state (generation, pending).
+
+    ``stored``: the rows as read earlier in ``tx`` (by id); a row equal to its stored one is
+    not written again. A worker's commit changes one member or a few, and writing all of
+    them made every commit cost as much as the population (a thousand row updates at a
+    thousand members, under the run's lock).
+    """
+    if stored is not None:
+        rows = [r for r in rows if stored.get(r.id) != r]
     tx.put_members(rows)
     tx.set_controller(pbt.generation, pbt.pending_state())
 
@@ -312,7 +326,7 @@ def prepare_run(
             if info is None:
                 raise
     if info.fingerprint != fp:
-        diff = _differences(info.config, config)
+        diff = differences(info.config, config)
         if not resume:
             raise ConfigMismatch(
                 f"Run {name!r} exists in {storage.display_url} with a different configuration "
@@ -379,7 +393,8 @@ def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:
         tx.set_status("interrupted")
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Which keys two configurations differ in: ``"differs in: steps, interval"``."""
     keys = sorted(set(old) | set(new))
     diffs = [k for k in keys if old.get(k) != new.get(k)]
     return "differs in: " + ", ".join(diffs) if diffs else "same keys"

@@ -205,6 +205,12 @@ class Transaction(abc.ABC):
         """Sets the run's status (and error text)."""
 
     @abc.abstractmethod
+    def set_execution(self, execution: Mapping[str, Any]) -> None:
+        """Replaces the run's ``execution`` record (see `Storage.update_run`): inside the
+        transaction, so that workers agree on it (``poptune worker`` records the run's
+        heartbeat timeout here when it is the first to set one)."""
+
+    @abc.abstractmethod
     def add_results(self, rows: Sequence[ResultRow]) -> None:
         """Appends results, in order."""
 

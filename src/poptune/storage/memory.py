@@ -96,6 +96,9 @@ class _MemoryTransaction(Transaction):
     def set_status(self, status: str, error: str | None = None) -> None:
         self._info = replace(self._info, status=status, error=error)
 
+    def set_execution(self, execution: Mapping[str, Any]) -> None:
+        self._info = replace(self._info, execution=copy.deepcopy(dict(execution)))
+
     def add_results(self, rows: Sequence[ResultRow]) -> None:
         self._results.extend(_copy_result(r) for r in rows)
 

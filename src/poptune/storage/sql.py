@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -233,10 +234,14 @@ class _SQLTransaction(Transaction):
         if not rows:
             return
         m = members_table
-        existing = {
-            r[0] for r in self._conn.execute(sa.select(m.c.id).where(m.c.run_id == self._run_id))
-        }
         values = [_member_values(self._run_id, row) for row in rows]
+        # Only these members' ids: a claim or a commit writes one member or a few. (Many
+        # rows: every id, as one IN list could pass SQLite's limit of 999 variables.)
+        ids = sorted({v["id"] for v in values})
+        query = sa.select(m.c.id).where(m.c.run_id == self._run_id)
+        if len(ids) <= 500:
+            query = query.where(m.c.id.in_(ids))
+        existing = {r[0] for r in self._conn.execute(query)}
         updates = [v for v in values if v["id"] in existing]
         inserts = [v for v in values if v["id"] not in existing]
         if inserts:
@@ -276,6 +281,14 @@ class _SQLTransaction(Transaction):
             .where(runs_table.c.id == self._run_id)
             .values(status=status, error=error, updated=time.time())
         )
+
+    def set_execution(self, execution: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            sa.update(runs_table)
+            .where(runs_table.c.id == self._run_id)
+            .values(execution=dict(execution), updated=time.time())
+        )
+        self._info = replace(self.run(), execution=dict(execution))
 
     def add_results(self, rows: Sequence[ResultRow]) -> None:
         if rows:

@@ -1,0 +1,437 @@
+"""One worker's loop: claim a member, train it to its next ready point, commit; again.
+
+`work` is the loop every executor that trains members one at a time runs: each worker process
+of the processes executor (`poptune.execution.processes`), ``poptune worker`` on any machine
+that reaches the run's storage and checkpoints, and any other host of a worker (a Ray actor,
+say). It is the member lifecycle of `poptune.execution.lifecycle`, one member at a time:
+
+1. **Claim**, in an exclusive transaction: among the running members no live worker holds, the
+   least advanced; among equals those this worker keeps live (no rebuild), then the
+   best-scoring first (`claim_order`). A member ``max_lag`` steps or more ahead of the slowest
+   is not claimed. A member whose owner stopped sending heartbeats (judged on the storage's
+   clock), or whose process is gone (only for owners of this host and PID namespace), is
+   claimed again from its last checkpoint. Two workers never hold the same member.
+2. **Restore** it (kept live in the worker's bounded cache when nobody else trained it since,
+   else loaded from the checkpoint its row names), then train it to its next ready point.
+3. **Checkpoint** it, then **commit**, in one transaction: its results, the controller's
+   decisions, the lineage events, the checkpoint references, the release of the claim and the
+   claim of the next member. The commit is refused if the worker no longer owns the member
+   (it was presumed dead): its work is dropped, never mixed with the new owner's.
+
+**Who ends the run.** The worker whose claim finds no member left to train (every member
+finished or failed) marks the run completed, inside its exclusive transaction: exactly one
+worker does, whichever machine it runs on, and whether or not the process that started the run
+is still there. A worker stops when the run is completed, failed or interrupted (by its
+starter, `poptune resume`, Ctrl-C on the driver), when its ``stop`` event is set (between
+steps: the stretch since the member's last ready point is dropped, never committed), or when
+its parent process is gone (``parent_pid``); whatever it holds is then released at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from poptune.execution.lifecycle import (
+    Heartbeat,
+    Lifecycle,
+    TrainableCache,
+    Trained,
+    claim_order,
+    committing,
+    limit_threads,
+    next_ready,
+)
+from poptune.execution.session import (
+    controller_from,
+    new_worker_id,
+    owner_alive,
+    release_held,
+)
+from poptune.storage.base import MemberRow, Storage, Transaction
+from poptune.trainable import set_worker_device
+
+if TYPE_CHECKING:
+    from poptune.execution.session import RunOptions
+    from poptune.experiment import Experiment
+    from poptune.trainable import Trainable
+
+__all__ = ["Stretch", "WorkReport", "Worker", "join_run", "work"]
+
+#: Run statuses in which no worker trains.
+FINAL = ("completed", "failed", "interrupted")
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """A stretch of training a worker committed.
+
+    Attributes:
+        member: The member's id.
+        start: Its step when the worker claimed it.
+        step: The step it reached (its ready point, or the last step).
+        score: Its score at ``step``.
+        commit_seconds: How long the commit took, waiting for the run's lock included.
+        committed_at: When the commit ended (``time.time()`` of this machine).
+    """
+
+    member: int
+    start: int
+    step: int
+    score: float
+    commit_seconds: float
+    committed_at: float
+
+
+@dataclass
+class WorkReport:
+    """What one call of `work` did.
+
+    Attributes:
+        worker: The worker's id.
+        stretches: Every stretch it committed, in order.
+        dropped: Stretches it trained but could not commit: it had been presumed dead and
+            its member was claimed by another worker.
+        failures: Exceptions from user code it recorded (retried or not).
+        status: The run's status when the worker stopped.
+        stopped: Whether it stopped because it was told to (``stop``) or its parent was gone.
+    """
+
+    worker: str
+    stretches: list[Stretch] = field(default_factory=list)
+    dropped: int = 0
+    failures: int = 0
+    status: str = "running"
+    stopped: bool = False
+
+    @property
+    def steps(self) -> int:
+        """Member-steps committed."""
+        return sum(s.step - s.start for s in self.stretches)
+
+    @property
+    def members(self) -> list[int]:
+        """The members it trained, ascending."""
+        return sorted({s.member for s in self.stretches})
+
+
+def work(
+    storage_url: str,
+    run: str,
+    checkpoint_root: str,
+    options: RunOptions,
+    *,
+    experiment: Experiment | None = None,
+    source: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    worker_id: str | None = None,
+    stop: threading.Event | None = None,
+    failed_before: int | None = None,
+    parent_pid: int | None = None,
+    handle_signals: bool = False,
+    on_start: Callable[[Worker], None] | None = None,
+    on_commit: Callable[[Stretch], None] | None = None,
+) -> WorkReport:
+    """Claims and trains members of a stored run until it is over or this worker must stop.
+
+    The run must exist in the storage (``poptune run``, ``Experiment.run`` or `join_run` set
+    it up); this only trains it. Safe to call from several processes and machines at once.
+
+    Args:
+        storage_url: The run's storage; the worker opens (and closes) its own connection.
+        run: The run's name.
+        checkpoint_root: The run's checkpoint root (`poptune.storage.base.RunInfo`'s).
+        options: Heartbeats, retries, failure budget, cache size, lag.
+        experiment: The run's experiment; else ``source`` (``FILE.py[:NAME]``) is imported.
+        source: Where the experiment is defined, when ``experiment`` is not given.
+        device: The device members train on (`poptune.Trainable.device`), if any.
+        threads: Math-library threads for this process (None: left as they are).
+        worker_id: This worker's id (default: a new one, `poptune.storage.leases`).
+        stop: Set it to make the worker stop after the current step (its stretch is
+            dropped and its member released).
+        failed_before: Members failed for good before this worker started, not counted
+            against ``options.max_failures`` (default: those failed now).
+        parent_pid: Stop when this process is no longer this process's parent.
+        handle_signals: Make SIGINT and SIGTERM set ``stop`` while the worker runs (main
+            thread only; the previous handlers come back afterwards).
+        on_start: Called with the worker once it is built, before it claims anything.
+        on_commit: Called after each committed stretch.
+
+    Returns:
+        What the worker did, and the run's status when it stopped.
+
+    Raises:
+        poptune.RunFailed: The failure policy stopped the run (it is marked failed).
+        poptune.execution.source.SourceError: ``source`` cannot be imported.
+        poptune.storage.StorageError: The storage cannot be opened, or the run is not there.
+    """
+    set_worker_device(device)
+    if threads is not None:
+        limit_threads(threads)
+    if experiment is None:
+        if source is None:
+            raise ValueError("work() needs the run's `experiment` or its `source` file.")
+        from poptune.execution.source import load_experiment
+
+        experiment = load_experiment(source)[0]
+    if threads is not None:
+        limit_threads(threads)  # again: the experiment's module may have imported torch
+    worker = Worker(
+        experiment,
+        storage_url,
+        run,
+        checkpoint_root,
+        options,
+        worker_id or new_worker_id(),
+        stop=stop,
+        failed_before=failed_before,
+        parent_pid=parent_pid,
+        on_commit=on_commit,
+    )
+    previous: dict[signal.Signals, Any] = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+
+        def _stop(signum: int, frame: Any) -> None:
+            worker.stopping.set()
+
+        _stop.poptune_graceful = True  # type: ignore[attr-defined]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    try:
+        if on_start is not None:
+            on_start(worker)
+        return worker.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def join_run(
+    storage: Storage, run: str, heartbeat_timeout: float | None = None
+) -> tuple[str, float]:
+    """Prepares a stored run for a worker that joins it, atomically: a run nobody is training
+    (``created``, or ``interrupted``) is marked running, and a run that records no heartbeat
+    timeout gets ``heartbeat_timeout`` (default 30 s), so that every worker judges the others
+    by the same one.
+
+    Returns:
+        The run's status before, and its heartbeat timeout (the recorded one, if any: the
+        caller checks it against what it was asked for).
+    """
+    with committing(storage, run) as tx:
+        info = tx.run()
+        stored = info.execution.get("heartbeat_timeout")
+        if stored is None:
+            stored = 30.0 if heartbeat_timeout is None else heartbeat_timeout
+            tx.set_execution({**info.execution, "heartbeat_timeout": float(stored)})
+        if info.status in ("created", "interrupted"):
+            tx.set_status("running")
+    return info.status, float(stored)
+
+
+class Worker:
+    """One worker: claim, restore, train, checkpoint, commit, in a loop (see the module doc).
+
+    Build it with `work`, which also sets up the device, threads and signals.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        storage_url: str,
+        run: str,
+        checkpoint_root: str,
+        options: RunOptions,
+        worker_id: str,
+        *,
+        stop: threading.Event | None = None,
+        failed_before: int | None = None,
+        parent_pid: int | None = None,
+        on_commit: Callable[[Stretch], None] | None = None,
+    ) -> None:
+        from poptune.storage import open_storage
+        from poptune.storage.checkpoints import CheckpointStore
+
+        self.id, self.name, self.exp, self.options = worker_id, run, experiment, options
+        self.storage: Storage = open_storage(storage_url)
+        try:
+            if failed_before is None:
+                rows = self.storage.members(run)  # also: the run must exist
+                failed_before = sum(1 for r in rows if r.state["status"] == "failed")
+            self.ckpts = CheckpointStore(checkpoint_root)
+        except BaseException:
+            self.storage.close()
+            raise
+        self.life = Lifecycle(
+            experiment,
+            self.storage,
+            run,
+            self.ckpts,
+            options,
+            worker_id,
+            failed_before=failed_before,
+        )
+        self.cache = TrainableCache(options.cache_size)
+        self.stopping = stop if stop is not None else threading.Event()
+        self.parent_pid = parent_pid
+        self.on_commit = on_commit
+        self.report = WorkReport(worker_id)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> WorkReport:
+        """Trains until the run is over or the worker must stop; releases what it holds."""
+        try:
+            with Heartbeat(self.storage, self.name, self.id, self.options.heartbeat_timeout):
+                claimed: MemberRow | int | None = -1
+                while not self.stopping.is_set():
+                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                        self.report.stopped = True
+                        break  # the coordinator is gone: stop; `poptune resume` continues
+                    if claimed == -1:
+                        claimed = self._claim()
+                    if claimed is None:
+                        break
+                    if isinstance(claimed, int):
+                        time.sleep(self.options.poll_interval)
+                        continue
+                    # Committing a member claims the next one in the same transaction.
+                    claimed = self._work(claimed)
+                if self.stopping.is_set():
+                    self.report.stopped = True
+        finally:
+            self._release_all()
+        return self.report
+
+    def _claim(self) -> MemberRow | int | None:
+        """A claimed member's row; -1 when none is free yet; None when the run is over."""
+        with self._transaction() as tx:
+            return self._pick(tx, tx.run().status, tx.members())
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Transaction]:
+        return committing(self.storage, self.name)
+
+    def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> MemberRow | int | None:
+        """Claims, in ``tx``, the member to train next (`claim_order`), if any is free; marks
+        the run completed when no member is left to train."""
+        if status in FINAL or self.stopping.is_set():
+            self.report.status = status
+            return None
+        alive = [r for r in rows if r.state["status"] in ("running", "waiting")]
+        if not alive:
+            tx.set_status("completed")
+            self.report.status = "completed"
+            return None
+        t = tx.now()
+        running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
+        lag = self.options.max_lag or 2 * self.exp.interval
+        limit = (min(running) + lag) if running else 0
+        free = [
+            r
+            for r in alive
+            if r.state["status"] == "running"
+            and int(r.state["step"]) < limit
+            and (
+                r.owner is None
+                or not owner_alive(r.owner, r.heartbeat, self.options.heartbeat_timeout, t)
+            )
+        ]
+        if not free:
+            return -1
+        pick = min(free, key=lambda r: claim_order(r, self.exp.mode, self.cache))
+        known = {r.id: r for r in rows}
+        return tx.claim(pick.id, self.id, self.options.heartbeat_timeout, known=known)
+
+    def _work(self, row: MemberRow) -> MemberRow | int | None:
+        """Trains a claimed member to its next ready point and commits; returns what `_claim`
+        would (the next member, already claimed)."""
+        mid = row.id
+        held = self.cache.take(mid)
+        if held is None:
+            self.cache.make_room()
+        trainable: Trainable | None = None
+        start = step = int(row.state["step"])
+        try:
+            trainable = self.life.restore(row, held)
+            self.life.context(trainable, mid, step)
+            target = next_ready(row.state, self.exp.interval, self.exp.burn_in, self.exp.steps)
+            segment = row.state.get("segment")
+            results = []
+            while step < target:
+                if self.stopping.is_set():
+                    raise _Stopping
+                step += 1
+                results.append(self.life.step(trainable, mid, step, segment))
+            location, size = self.life.save(trainable, mid, step)
+        except _Stopping:
+            if trainable is not None:
+                self.cache.put(mid, None, trainable)  # its state is not at any checkpoint
+                self.cache.drop(mid)
+            return None
+        except Exception as exc:
+            if trainable is not None and trainable is not (held[1] if held else None):
+                with contextlib.suppress(Exception):
+                    trainable.close()
+            elif held is not None:
+                with contextlib.suppress(Exception):
+                    held[1].close()
+            return self._failed(mid, exc, step)
+        began = time.perf_counter()
+        with self._transaction() as tx:
+            stored = {r.id: r for r in tx.members()}
+            if stored[mid].owner != self.id:  # presumed dead meanwhile: the work is dropped
+                committed = None
+            else:
+                info = tx.run()
+                pbt = controller_from(self.exp, info, stored.values())
+                committed = self.life.commit(
+                    tx, pbt, [Trained(mid, step, results, location, size)], stored, keep_owner=False
+                )
+                claimed = self._pick(tx, info.status, committed.rows)
+        seconds = time.perf_counter() - began
+        if committed is None:
+            self.report.dropped += 1
+            with contextlib.suppress(Exception):
+                trainable.close()
+            return -1
+        for doomed in committed.doomed:
+            self.ckpts.delete(doomed)
+        # Kept at the checkpoint just written: the decision (an exploit names another) takes
+        # effect at the next restore, inside the failure path.
+        self.cache.put(mid, location, trainable)
+        score = results[-1].score if results else float("nan")
+        stretch = Stretch(mid, start, step, score, seconds, time.time())
+        self.report.stretches.append(stretch)
+        if self.on_commit is not None:
+            self.on_commit(stretch)
+        return claimed
+
+    def _failed(self, mid: int, exc: BaseException, step: int) -> int:
+        with self._transaction() as tx:
+            stored = {r.id: r for r in tx.members()}
+            if stored[mid].owner != self.id:
+                return -1
+            pbt = controller_from(self.exp, tx.run(), stored.values())
+            self.report.failures += 1
+            self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
+        return -1
+
+    def _release_all(self) -> None:
+        self.cache.clear()
+        try:
+            with self._transaction() as tx:
+                release_held(tx, self.id.__eq__)
+        except Exception:
+            pass
+        self.storage.close()
+
+
+class _Stopping(Exception):
+    """The worker was told to stop (SIGTERM, Ctrl-C, its stop event): the stretch is dropped."""
