@@ -202,6 +202,8 @@ class Experiment:
         options: RunOptions | None = None,
         source: str | None = None,
         devices: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        ray_address: str | None = None,
     ) -> Result:
         """Runs the experiment and returns its `Result`.
 
@@ -215,10 +217,13 @@ class Experiment:
         Args:
             storage: Where the run is recorded; None for memory.
             name: The run's name (letters, digits, ``-``, ``_``, ``.``); ``"run"`` by default.
-            workers: Worker processes; more than one means ``executor="processes"``. None:
-                as the run was last executed (a resumed run keeps its workers), else 1.
-            executor: ``"serial"`` (this process) or ``"processes"``; None: as the run was
-                last executed, else by ``workers``.
+            workers: Worker processes (or Ray actors); more than one means
+                ``executor="processes"`` unless ``executor`` says otherwise. None: as the run
+                was last executed (a resumed run keeps its workers), else 1.
+            executor: ``"serial"`` (this process), ``"processes"`` (worker processes on this
+                machine) or ``"ray"`` (Ray actors, extra ``[ray]``: see
+                `poptune.execution.ray`); None: as the run was last executed, else by
+                ``workers``.
             resume: Resume a run of that name even if its configuration differs (see
                 `poptune.execution.session.prepare_run` for what may change; each accepted
                 change is logged and recorded with the run).
@@ -236,6 +241,15 @@ class Experiment:
                 `poptune.trainable.worker_device`. Without ``workers``: one worker per
                 device. None: as the run was last executed, else every visible GPU (one
                 worker each) when the members use torch and CUDA is present, else none.
+                Not with ``executor="ray"``: Ray places actors (see ``resources``).
+            resources: ``executor="ray"``: what each actor asks Ray for, such as
+                ``{"cpu": 1, "gpu": 0.5}`` (a GPU fraction lets several members share a GPU;
+                other names are Ray custom resources). None: as the run was last executed,
+                else one CPU.
+            ray_address: ``executor="ray"``: the Ray cluster to connect to (``"auto"``,
+                ``"HOST:PORT"``, ``"ray://HOST:PORT"``). None: the Ray connection this
+                process holds (``ray.init`` called before), else the address the run was
+                last executed with, else a local Ray instance started here.
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
@@ -261,6 +275,8 @@ class Experiment:
             source=source,
             options=options,
             devices=devices,
+            resources=resources,
+            ray_address=ray_address,
         )
 
     def __repr__(self) -> str:
