@@ -110,6 +110,8 @@ def test_ray_pickled_experiment(ray_local: Any, tmp_path: Path) -> None:
     result = exp.run(url, "p", executor="ray", workers=2, resources={"cpu": 0.5})
     check_complete(result, 20, 4)
     assert open_storage(url).get_run("p").execution["resources"] == {"cpu": 0.5}
+    with pytest.raises(ValueError, match="no actor could ever start"):
+        exp.run(url, "g", executor="ray", resources={"gpu": 64})
 
 
 def test_ray_arguments_are_checked(tmp_path: Path) -> None:
@@ -195,3 +197,13 @@ def test_driver_killed_then_poptune_resume_completes(
     check_complete(result, 40, 4)
     check_exact(result, synchronous=False)
     assert Tally((h.member, h.step) for h in result.history).most_common(1)[0][1] == 1
+
+
+def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resources` must list NAME=AMOUNT pairs; anything else is a usage error."""
+    toy = str(HERE.parent.parent / "examples" / "toy_quadratic.py")
+    url = f"sqlite:///{tmp_path}/runs.db"
+    for bad in ("gpu", "cpu=x", "gpu=-1", ","):
+        argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
+        assert main(argv) == 2, bad
+        assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err

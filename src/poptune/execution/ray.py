@@ -199,6 +199,26 @@ def _placement(ray: Any, url: str, address: str | None) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
+def _check_feasible(ray: Any, resources: Mapping[str, float], address: str | None) -> None:
+    """Refuses resources no node of a local Ray instance has (an actor asking for them would
+    wait forever); a cluster given by address may be autoscaled, and Ray warns there."""
+    if address is not None:
+        return
+    total = ray.cluster_resources()
+    need = {
+        "CPU": resources.get("cpu", DEFAULT_RESOURCES["cpu"]),
+        "GPU": resources.get("gpu", 0.0),
+        **{k: v for k, v in resources.items() if k not in ("cpu", "gpu")},
+    }
+    short = {k: v for k, v in need.items() if v > 0 and float(total.get(k, 0.0)) < v}
+    if short:
+        have = {k: float(total.get(k, 0.0)) for k in short}
+        raise ValueError(
+            f"executor='ray': each actor asks for {short}, but this Ray instance has {have} in "
+            "all, so no actor could ever start. Ask for less with resources=... (--resources)."
+        )
+
+
 def _release(storage: Storage, name: str, tag: str) -> None:
     """Frees every member held by the actor whose worker id ends with ``-tag``."""
     suffix = f"-{tag}"
@@ -241,6 +261,8 @@ def run_ray(
     ray = connect(address)
     url = _absolute_sqlite(storage_url) if storage_url.startswith("sqlite") else storage_url
     placement = _placement(ray, url, address)
+    res = dict(resources or DEFAULT_RESOURCES)
+    _check_feasible(ray, res, address)
     payload = None
     if source is None:
         try:  # Ray's cloudpickle: classes defined in a script or notebook go by value
@@ -253,7 +275,6 @@ def run_ray(
             ) from None
     failed = sum(1 for r in storage.members(name) if r.state["status"] == "failed")
     spec = WorkerSpec(url, name, checkpoint_root, options, source, payload, failed)
-    res = dict(resources or DEFAULT_RESOURCES)
     threads = options.threads or max(1, int(res.get("cpu", 1.0)))
     actor_cls = ray.remote(RayWorker)
     actor_options = {**_actor_options(res), **placement}
