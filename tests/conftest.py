@@ -6,12 +6,17 @@ unset. Every test gets a fresh, empty database (creating one takes a few tens of
 dropped afterwards. When no server answers, the tests are skipped, unless
 ``POPTUNE_REQUIRE_POSTGRES=1`` (set in CI), which makes them fail instead.
 
+Ray tests share one local Ray instance (``ray.init(num_cpus=2)``, no dashboard, usage
+statistics off), started by the first test that needs it. When Ray is not installed they are
+skipped, unless ``POPTUNE_REQUIRE_RAY=1`` (set in CI), which makes them fail instead.
+
 Fixtures:
     pg_server_url: (session) URL of the server's base database, checked reachable.
     postgres_url: (session) URL of a fresh database shared by the whole test session.
     pg_url: (function) URL of a fresh, empty database for one test.
     chromium: (session) a headless Chromium for browser tests (skipped without one, unless
         ``POPTUNE_REQUIRE_CHROMIUM=1``, set in CI).
+    ray_local: (session) the ``ray`` module, connected to a local instance for the session.
 """
 
 from __future__ import annotations
@@ -108,6 +113,24 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
     """URL of a fresh, empty database for one test, dropped after it."""
     with fresh_postgres_database(pg_server_url) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[object]:
+    """The ``ray`` module, connected to a local Ray instance shared by every Ray test."""
+    try:
+        import ray
+    except ImportError as e:
+        message = f"Ray is not installed ({e}); pip install 'poptune[ray]'"
+        if os.environ.get("POPTUNE_REQUIRE_RAY") == "1":
+            pytest.fail(f"{message} (POPTUNE_REQUIRE_RAY=1)", pytrace=False)
+        pytest.skip(message)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

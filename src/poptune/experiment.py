@@ -204,6 +204,8 @@ class Experiment:
         source: str | None = None,
         devices: Sequence[str] | None = None,
         loggers: Sequence[Logger] | None = None,
+        resources: Mapping[str, float] | None = None,
+        ray_address: str | None = None,
     ) -> Result:
         """Runs the experiment and returns its `Result`.
 
@@ -217,10 +219,13 @@ class Experiment:
         Args:
             storage: Where the run is recorded; None for memory.
             name: The run's name (letters, digits, ``-``, ``_``, ``.``); ``"run"`` by default.
-            workers: Worker processes; more than one means ``executor="processes"``. None:
-                as the run was last executed (a resumed run keeps its workers), else 1.
-            executor: ``"serial"`` (this process) or ``"processes"``; None: as the run was
-                last executed, else by ``workers``.
+            workers: Worker processes (or Ray actors); more than one means
+                ``executor="processes"`` unless ``executor`` says otherwise. None: as the run
+                was last executed (a resumed run keeps its workers), else 1.
+            executor: ``"serial"`` (this process), ``"processes"`` (worker processes on this
+                machine) or ``"ray"`` (Ray actors, extra ``[ray]``: see
+                `poptune.execution.ray`); None: as the run was last executed, else by
+                ``workers``.
             resume: Resume a run of that name even if its configuration differs (see
                 `poptune.execution.session.prepare_run` for what may change; each accepted
                 change is logged and recorded with the run).
@@ -243,6 +248,15 @@ class Experiment:
                 the storage by a thread of this process (`poptune.loggers.LogFeed`): never in
                 a worker or a training step. They receive the run's whole history, a resumed
                 run's included, and are closed when `run` returns or raises.
+                Not with ``executor="ray"``: Ray places actors (see ``resources``).
+            resources: ``executor="ray"``: what each actor asks Ray for, such as
+                ``{"cpu": 1, "gpu": 0.5}`` (a GPU fraction lets several members share a GPU;
+                other names are Ray custom resources). None: as the run was last executed,
+                else one CPU.
+            ray_address: ``executor="ray"``: the Ray cluster to connect to (``"auto"``,
+                ``"HOST:PORT"``, ``"ray://HOST:PORT"``). None: the Ray connection this
+                process holds (``ray.init`` called before), else the address the run was
+                last executed with, else a local Ray instance started here.
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
@@ -269,6 +283,8 @@ class Experiment:
             options=options,
             devices=devices,
             loggers=loggers,
+            resources=resources,
+            ray_address=ray_address,
         )
 
     def __repr__(self) -> str:

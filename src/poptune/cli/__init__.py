@@ -95,9 +95,24 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--executor",
-        choices=("serial", "processes"),
+        choices=("serial", "processes", "ray"),
         default=None,
-        help="train in this process (serial) or in worker processes",
+        help="train in this process (serial), in worker processes, or in Ray actors (ray: "
+        "needs pip install 'poptune[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="--executor ray: the Ray cluster to connect to (auto, HOST:PORT, ray://HOST:PORT; "
+        "default: as the run was last executed, else a local Ray instance)",
+    )
+    p.add_argument(
+        "--resources",
+        default=None,
+        metavar="LIST",
+        help="--executor ray: what each actor asks Ray for, comma-separated (cpu=1,gpu=0.5; a "
+        "GPU fraction lets members share a GPU; default: as last executed, else cpu=1)",
     )
     p.add_argument(
         "--devices",

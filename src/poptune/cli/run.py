@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -59,6 +60,29 @@ def _devices(args: argparse.Namespace) -> list[str] | None:
         raise CLIError(str(e), USAGE) from None
 
 
+def _resources(args: argparse.Namespace) -> dict[str, float] | None:
+    """``--resources cpu=1,gpu=0.5`` as a dict."""
+    if args.resources is None:
+        return None
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in args.resources.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value) if sep else math.nan
+        except ValueError:
+            out[key.strip()] = math.nan
+    from poptune.execution.ray import check_resources
+
+    try:
+        if not out:
+            raise ValueError(
+                f"--resources must list NAME=AMOUNT pairs, but got {args.resources!r}."
+            )
+        return check_resources(out)
+    except ValueError as e:
+        raise CLIError(f"{e} Write it as --resources cpu=1,gpu=0.5.", USAGE) from None
+
+
 def _progress_mode(args: argparse.Namespace) -> Mode:
     if args.no_progress:
         return "off"
@@ -101,6 +125,8 @@ def _train(
                 source=source,
                 devices=_devices(args),
                 loggers=loggers,
+                resources=_resources(args),
+                ray_address=args.ray_address,
             )
     except KeyboardInterrupt:
         print(

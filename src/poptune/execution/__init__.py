@@ -1,10 +1,11 @@
-"""Executors: how a population is trained (one process, or several worker processes)."""
+"""Executors: how a population is trained (one process, several worker processes, or Ray
+actors)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.session import (
@@ -38,7 +39,7 @@ _MAIN_GUARD = (
     "`poptune run FILE.py`."
 )
 
-EXECUTORS = ("serial", "processes")
+EXECUTORS = ("serial", "processes", "ray")
 
 
 def execute(
@@ -54,6 +55,8 @@ def execute(
     options: RunOptions | None = None,
     devices: Sequence[str] | None = None,
     loggers: Sequence[Logger] | None = None,
+    resources: Mapping[str, float] | None = None,
+    ray_address: str | None = None,
 ) -> Result:
     """Runs (or resumes) ``experiment`` as run ``name`` in ``storage``; see `Experiment.run`."""
     import multiprocessing
@@ -75,6 +78,7 @@ def execute(
     if executor is not None and executor not in EXECUTORS:
         raise ValueError(f"`executor` must be one of {EXECUTORS}, but got {executor!r}.")
     devices = check_devices(devices)
+    resources = _check_resources(resources)
     options = options or RunOptions()
     # Normalised once: worker processes reopen this very URL.
     url = storage_url(storage) if isinstance(storage, str) else None
@@ -82,18 +86,23 @@ def execute(
     in_memory = store.display_url.startswith("memory://")
     name = name or "run"
     existing = store.get_run(name)
-    workers, executor, devices = _how(
-        existing.execution if existing else {}, workers, executor, devices
-    )
-    if in_memory and executor == "processes":
+    stored = existing.execution if existing else {}
+    workers, executor, devices = _how(stored, workers, executor, devices)
+    if executor == "ray":
+        resources, ray_address = _ray_how(stored, resources, ray_address, devices)
+    elif resources is not None or ray_address is not None:
         raise ValueError(
-            "executor='processes' needs a storage that worker processes share: pass "
+            f"`resources` and `ray_address` are for executor='ray', but the executor is "
+            f"{executor!r}."
+        )
+    if in_memory and executor in ("processes", "ray"):
+        raise ValueError(
+            f"executor={executor!r} needs a storage that its workers share: pass "
             "storage='sqlite:///FILE.db' or a PostgreSQL URL."
         )
-    if executor == "processes" and url is None:
+    if executor in ("processes", "ray") and url is None:
         raise ValueError(
-            "executor='processes' needs the storage as a URL string, to open it in "
-            "each worker process."
+            f"executor={executor!r} needs the storage as a URL string, to open it in each worker."
         )
     root: str | None = None
     where = url or store.display_url
@@ -117,6 +126,11 @@ def execute(
                 # Every worker of the run judges the others by one timeout: `poptune worker`
                 # on another machine reads it here.
                 "heartbeat_timeout": options.heartbeat_timeout,
+                **(
+                    {"resources": resources, "ray_address": ray_address}
+                    if executor == "ray"
+                    else {}
+                ),
             },
         )
     ckpt: Any = MemoryCheckpointStore() if in_memory else None
@@ -140,6 +154,22 @@ def execute(
 
                 device = devices[0] if devices else None
                 run_serial(experiment, store, name, ckpt, options, device)
+            elif executor == "ray":
+                from poptune.execution.ray import run_ray
+
+                assert url is not None and root is not None
+                run_ray(
+                    experiment,
+                    store,
+                    url,
+                    name,
+                    root,
+                    workers,
+                    options,
+                    source,
+                    resources,
+                    ray_address,
+                )
             else:
                 from poptune.execution.processes import run_processes
 
@@ -188,6 +218,33 @@ def _how(
     if executor == "serial" and workers != 1:
         raise ValueError(f"executor='serial' runs one worker, but got workers={workers}.")
     return int(workers), str(executor), devices
+
+
+def _check_resources(resources: object) -> dict[str, float] | None:
+    from poptune.execution.ray import check_resources
+
+    return check_resources(resources)
+
+
+def _ray_how(
+    stored: Any,
+    resources: dict[str, float] | None,
+    address: str | None,
+    devices: list[str] | None,
+) -> tuple[dict[str, float], str | None]:
+    """Resources per actor and the Ray address: as given, else as the run was executed
+    before (when its executor was Ray), else one CPU per actor and a local Ray instance."""
+    if devices is not None:
+        raise ValueError(
+            "executor='ray' lets Ray place actors on GPUs: pass resources={'gpu': 1} (or a "
+            f"fraction, to share a GPU) instead of devices={devices!r}."
+        )
+    if stored.get("executor") == "ray":
+        if resources is None:
+            resources = stored.get("resources")
+        if address is None:
+            address = stored.get("ray_address")
+    return dict(resources or {"cpu": 1.0}), address
 
 
 class UnscoredRunWarning(RuntimeWarning):

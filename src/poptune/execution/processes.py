@@ -65,7 +65,8 @@ class WorkerSpec:
     failed_before: int = 0
 
 
-def _load(spec: WorkerSpec) -> Experiment:
+def experiment_of(spec: WorkerSpec) -> Experiment:
+    """The experiment ``spec`` carries: imported from its source file, or unpickled."""
     if spec.source is not None:
         from poptune.execution.source import load_experiment
 
@@ -106,7 +107,7 @@ def worker_main(
     limit_threads(threads)  # before the experiment's module imports torch or numpy's BLAS
     with contextlib.suppress(RunFailed):  # recorded in the storage; the coordinator reports it
         try:
-            experiment = _load(spec)
+            experiment = experiment_of(spec)
             work(
                 spec.storage_url,
                 spec.name,

@@ -1,0 +1,209 @@
+"""The Ray executor on a real local Ray instance (shared by these tests: `ray_local`).
+
+Actors do not inherit the environment a test sets after Ray started, so each test writes its
+workload's ``WL_*`` settings into a small experiment file (`baked_source`) that actors import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import check_complete, check_exact
+from test_faults import check_no_unexplained_repeats, wait_for_results
+
+import poptune as pt
+from poptune.cli import main
+from poptune.execution.session import load_result
+from poptune.execution.source import load_experiment
+from poptune.storage import open_storage
+
+HERE = Path(__file__).resolve().parent
+
+
+def baked_source(env: Any, tmp_path: Path, **values: object) -> str:
+    """An experiment file that sets ``values`` (as ``WL_*``, plus the lock and mark folders)
+    in whichever process imports it, then builds `workloads.counter`. The same variables are
+    set here through ``env`` (monkeypatch), so this process gets them back afterwards."""
+    env(**values)
+    wl = {k: v for k, v in os.environ.items() if k.startswith("WL_")}
+    path = tmp_path / "ray_experiment.py"
+    path.write_text(
+        "import os, sys\n"
+        f"os.environ.update({wl!r})\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "from workloads import counter\n"
+        "EXPERIMENT = counter()\n"
+    )
+    return f"{path}:EXPERIMENT"
+
+
+def named_actors(ray: Any, run: str) -> list[Any]:
+    """Handles of the run's live actors (named ``poptune:RUN:TAG``)."""
+    names = [n for n in ray.util.list_named_actors() if n.startswith(f"poptune:{run}:")]
+    out = []
+    for n in names:
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            out.append(ray.get_actor(n))
+    return out
+
+
+def test_ray_sqlite_run_completes_with_exploits_from_donor_checkpoints(
+    ray_local: Any, env: Any, tmp_path: Path
+) -> None:
+    """Two actors train every member to the end; each recorded score is exactly what the
+    lineage says (copies load the donor's checkpoint); no member is trained by two actors at
+    once; the actors are reused (2 processes in all, none of them this one); the executor and
+    its resources are recorded for `poptune resume`."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.002, pop=6, steps=30)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    exp = load_experiment(source)[0]
+    result = exp.run(url, "r", executor="ray", workers=2, source=source)
+    check_complete(result, 30, 6)
+    assert check_exact(result, synchronous=False) > 0
+    assert not (env.locks / "VIOLATION").exists()
+    pids = {int(h.metrics["pid"]) for h in result.history}
+    assert os.getpid() not in pids and len(pids) <= 2
+    assert max(h.metrics["live"] for h in result.history) <= pt.RunOptions().cache_size
+    info = open_storage(url).get_run("r")
+    assert info.status == "completed"
+    assert info.execution["executor"] == "ray" and info.execution["workers"] == 2
+    assert info.execution["resources"] == {"cpu": 1.0}
+
+
+class Climb(pt.Trainable):
+    """x grows by lr each step; defined here, so it reaches the actors pickled by value."""
+
+    def __init__(self, hparams: Mapping[str, Any], seed: int) -> None:
+        super().__init__(hparams, seed)
+        self.x = 0.0
+
+    def step(self) -> dict[str, float]:
+        self.x += float(self.hparams["lr"])
+        return {"score": self.x, "pid": float(os.getpid())}
+
+    def state_dict(self) -> object:
+        return {"x": self.x}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.x = float(state["x"])
+
+
+def test_ray_pickled_experiment(ray_local: Any, tmp_path: Path) -> None:
+    """Without a source file the experiment travels to the actors pickled (by Ray's
+    cloudpickle, which sends a script's classes by value), here with half a CPU per actor."""
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    exp = pt.Experiment(
+        trainable=Climb, space={"lr": pt.Float(0.01, 1.0)}, population_size=4, steps=20, seed=1
+    )
+    url = f"sqlite:///{tmp_path}/runs.db"
+    result = exp.run(url, "p", executor="ray", workers=2, resources={"cpu": 0.5})
+    check_complete(result, 20, 4)
+    assert open_storage(url).get_run("p").execution["resources"] == {"cpu": 0.5}
+    with pytest.raises(ValueError, match="no actor could ever start"):
+        exp.run(url, "g", executor="ray", resources={"gpu": 64})
+
+
+def test_ray_arguments_are_checked(tmp_path: Path) -> None:
+    """Ray's options are refused, before anything is written, where they cannot apply."""
+    exp = pt.Experiment(trainable=lambda h, s: None, space={"lr": pt.Float(0.1, 1)})  # type: ignore[arg-type, return-value]
+    url = f"sqlite:///{tmp_path}/runs.db"
+    with pytest.raises(ValueError, match="resources"):
+        exp.run(url, "a", executor="ray", resources={"gpu": -1})
+    with pytest.raises(ValueError, match="executor='ray'"):
+        exp.run(url, "a", executor="processes", workers=2, resources={"cpu": 1})
+    with pytest.raises(ValueError, match="resources=\\{'gpu'"):
+        exp.run(url, "a", executor="ray", devices=["cuda:0"])
+    with pytest.raises(ValueError, match="workers share"):
+        exp.run(None, "a", executor="ray")
+    assert open_storage(url).get_run("a") is None
+
+
+@pytest.mark.slow
+def test_killed_actor_mid_step_run_completes_exactly(
+    ray_local: Any, env: Any, tmp_path: Path
+) -> None:
+    """SIGKILL an actor's process while it trains: its members are released and re-claimed,
+    a new actor takes its place, and the run completes with every member at its last step and
+    no step recorded twice (the killed actor's uncommitted stretch is lost, nothing else)."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.02, pop=4, steps=40, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    killed: list[int] = []
+
+    def killer() -> None:
+        wait_for_results(url, "k", 30)
+        actors = named_actors(ray_local, "k")
+        assert actors
+        pid = ray_local.get(actors[0].pid.remote())
+        os.kill(pid, signal.SIGKILL)  # most of an actor's time is inside step()
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    exp = load_experiment(source)[0]
+    result = exp.run(url, "k", executor="ray", workers=2, source=source)
+    thread.join()
+    assert killed
+    check_complete(result, 40, 4)
+    check_exact(result, synchronous=False)
+    check_no_unexplained_repeats(result)
+    assert not (env.locks / "VIOLATION").exists()
+    pids = {int(h.metrics["pid"]) for h in result.history}
+    assert killed[0] in pids and len(pids) >= 2  # a replacement actor trained after the kill
+
+
+@pytest.mark.slow
+def test_driver_killed_then_poptune_resume_completes(
+    ray_local: Any, env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`poptune run --executor ray` (a driver connected to the shared Ray instance) is killed
+    with SIGKILL mid-run; Ray ends its actors; `poptune resume` completes the run with the
+    executor recorded for it, every member present and no step recorded twice."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.01, pop=4, steps=40, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    address = ray_local.get_runtime_context().gcs_address
+    argv = [
+        *("run", source, "--name", "d", "--storage", url, "--executor", "ray"),
+        *("--workers", "2", "--ray-address", address, "--no-progress"),
+    ]
+    code = "import sys; from poptune.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], start_new_session=True)
+    try:
+        wait_for_results(url, "d", 40, timeout=120)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    store = open_storage(url)
+    assert store.get_run("d").status == "running"  # the driver had no chance to say otherwise
+    assert store.get_run("d").execution["executor"] == "ray"
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert (
+        main(["resume", "d", "--storage", url, "--no-progress", "--heartbeat-timeout", "10"]) == 0
+    )
+    assert time.monotonic() - started < 120
+    result = load_result(store, "d")
+    assert store.get_run("d").status == "completed"
+    check_complete(result, 40, 4)
+    check_exact(result, synchronous=False)
+    assert Tally((h.member, h.step) for h in result.history).most_common(1)[0][1] == 1
+
+
+def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resources` must list NAME=AMOUNT pairs; anything else is a usage error."""
+    toy = str(HERE.parent.parent / "examples" / "toy_quadratic.py")
+    url = f"sqlite:///{tmp_path}/runs.db"
+    for bad in ("gpu", "cpu=x", "gpu=-1", ","):
+        argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
+        assert main(argv) == 2, bad
+        assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err
