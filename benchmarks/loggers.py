@@ -29,19 +29,18 @@ average (``os.getloadavg``, as ``uptime`` shows it) before and after. Needs tens
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from modules import load  # benchmarks/modules.py: run these as python benchmarks/NAME.py
 
 import poptune as pt
 from poptune.loggers import LogFeed, LoggedStep, TensorBoardLogger
@@ -49,15 +48,6 @@ from poptune.result import Event, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "loggers.json"
-
-
-def load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 toy = load("poptune_bench_toy", ROOT / "examples" / "toy_quadratic.py")

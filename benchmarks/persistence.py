@@ -21,17 +21,16 @@ on the machine and its load; the JSON records both.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from modules import load  # benchmarks/modules.py: run these as python benchmarks/NAME.py
 
 import poptune as pt
 
@@ -39,15 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "persistence.json"
 WORKLOADS = ROOT / "tests" / "execution" / "workloads.py"
 MEMBERS, STEPS, INTERVAL = 32, 200, 4
-
-
-def load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 toy = load("poptune_bench_toy", ROOT / "examples" / "toy_quadratic.py")

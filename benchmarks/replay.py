@@ -20,27 +20,16 @@ It prints the differences (replayed - original) and writes them to
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+from modules import load  # benchmarks/modules.py: run these as python benchmarks/NAME.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "replay.json"
-
-
-def load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 toy = load("poptune_bench_toy", ROOT / "examples" / "toy_quadratic.py")

@@ -56,13 +56,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -71,6 +69,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from modules import load as load_module  # benchmarks/modules.py
 
 import poptune as pt
 
@@ -83,18 +82,6 @@ SHM = "/dev/shm"
 WORKERS = 2
 QUANTILE, RESAMPLE, FACTORS = 0.25, 0.25, (0.8, 1.2)
 TARGET_FACTOR = 10.0
-
-
-def load_module(name: str, path: Path) -> ModuleType:
-    """A file imported under a fixed module name (once per process)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def toy_module() -> ModuleType:

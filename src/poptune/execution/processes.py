@@ -35,7 +35,7 @@ from poptune.execution.session import (
     RunOptions,
     new_worker_id,
 )
-from poptune.execution.worker import Worker, work
+from poptune.execution.worker import Worker, settle_run, work
 from poptune.storage import leases
 from poptune.storage.base import Storage
 from poptune.trainable import set_worker_device
@@ -254,19 +254,12 @@ def run_processes(
         finally:
             signal.signal(signal.SIGINT, previous)
         raise
-    info = storage.get_run(name)
-    if info is not None and info.status == "failed":
-        raise RunFailed(info.error or f"Run {name!r} failed.")
-    if info is not None and info.status == "running":
-        rows = storage.members(name)
-        if all(r.state["status"] in ("finished", "failed") for r in rows):
-            storage.update_run(name, status="completed")
-        else:
-            storage.update_run(name, status="interrupted")
-            raise RunInterrupted(
-                f"Run {name!r}: every worker stopped before the run completed (more than "
-                f"{max_restarts} died). Resume it with `poptune resume {name}`."
-            )
+    settle_run(
+        storage,
+        name,
+        f"Run {name!r}: every worker stopped before the run completed (more than "
+        f"{max_restarts} died). Resume it with `poptune resume {name}`.",
+    )
 
 
 _NO_START = (

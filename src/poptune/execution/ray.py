@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from poptune.execution.lifecycle import deferred_interrupts, limit_threads
 from poptune.execution.processes import WorkerSpec, experiment_of
 from poptune.execution.session import RunFailed, RunInterrupted, RunOptions, new_worker_id
-from poptune.execution.worker import work
+from poptune.execution.worker import settle_run, work
 from poptune.trainable import set_worker_device
 
 if TYPE_CHECKING:
@@ -358,20 +358,13 @@ def run_ray(
     except BaseException:
         _stop_actors(ray, actors, storage, name)
         raise
-    info = storage.get_run(name)
-    if info is not None and info.status == "failed":
-        raise RunFailed(info.error or f"Run {name!r} failed.")
-    if info is not None and info.status == "running":
-        rows = storage.members(name)
-        if all(r.state["status"] in ("finished", "failed") for r in rows):
-            storage.update_run(name, status="completed")
-        else:
-            storage.update_run(name, status="interrupted")
-            why = f" Last error: {last_error}" if last_error else ""
-            raise RunInterrupted(
-                f"Run {name!r}: every Ray actor stopped before the run completed (more than "
-                f"{max_restarts} died).{why} Resume it with `poptune resume {name}`."
-            )
+    why = f" Last error: {last_error}" if last_error else ""
+    settle_run(
+        storage,
+        name,
+        f"Run {name!r}: every Ray actor stopped before the run completed (more than "
+        f"{max_restarts} died).{why} Resume it with `poptune resume {name}`.",
+    )
 
 
 def _first_line(exc: BaseException) -> str:

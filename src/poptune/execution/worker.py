@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from poptune.experiment import Experiment
     from poptune.trainable import Trainable
 
-__all__ = ["Stretch", "WorkReport", "Worker", "join_run", "work"]
+__all__ = ["Stretch", "WorkReport", "Worker", "join_run", "settle_run", "work"]
 
 #: Run statuses in which no worker trains.
 FINAL = ("completed", "failed", "interrupted")
@@ -234,6 +234,31 @@ def join_run(
         if info.status in ("created", "interrupted"):
             tx.set_status("running")
     return info.status, float(stored)
+
+
+def settle_run(storage: Storage, run: str, stopped: str) -> None:
+    """The driver's last word on a run whose workers (processes or Ray actors) are all gone.
+
+    A run its workers left ``running`` with every member finished or failed is marked
+    completed; one with members left to train is marked interrupted.
+
+    Raises:
+        poptune.RunFailed: The failure policy stopped the run.
+        poptune.RunInterrupted: Members were left to train; ``stopped`` says why the workers
+            stopped and what to do.
+    """
+    from poptune.execution.session import RunFailed, RunInterrupted
+
+    info = storage.get_run(run)
+    if info is not None and info.status == "failed":
+        raise RunFailed(info.error or f"Run {run!r} failed.")
+    if info is not None and info.status == "running":
+        rows = storage.members(run)
+        if all(r.state["status"] in ("finished", "failed") for r in rows):
+            storage.update_run(run, status="completed")
+        else:
+            storage.update_run(run, status="interrupted")
+            raise RunInterrupted(stopped)
 
 
 class Worker:
