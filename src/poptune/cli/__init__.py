@@ -84,6 +84,16 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_max_retries(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="K",
+        help="retries of a failing step before its member is replaced (default 2)",
+    )
+
+
 def _add_execution(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -122,13 +132,7 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         "gets device i modulo their number (default: as the run was last executed, else every "
         "visible GPU, one worker each, when the members use torch)",
     )
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=None,
-        metavar="K",
-        help="retries of a failing step before its member is replaced (default 2)",
-    )
+    _add_max_retries(p)
     p.add_argument(
         "--heartbeat-timeout",
         type=float,
@@ -223,13 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only for a run started without one: seconds without a heartbeat before a worker "
         "is presumed dead (default: the run's, else 30)",
     )
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=None,
-        metavar="K",
-        help="retries of a failing step before its member is replaced (default 2)",
-    )
+    _add_max_retries(p)
     p.add_argument(
         "-q", "--quiet", action="store_true", help="print only the summary, not every stretch"
     )
