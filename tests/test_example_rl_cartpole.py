@@ -36,8 +36,12 @@ def rl() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def smoke(rl: ModuleType) -> pt.Result:
-    """The smoke-size PBT run, in memory (8 members; about 15 s of CPU)."""
-    return rl.experiment(seed=0, size="smoke").run()
+    """The smoke-size PBT run, in memory (8 members; about 15 s of CPU), with truncation
+    exploit in place of the example's t-test: over 5 steps, a t-test between windows of at
+    most 5 noisy returns reaches significance only by luck (the same seed copied in one run
+    and in none on a machine whose floating-point results differed), and the tests below
+    need copies. Truncation copies into the bottom quarter at every ready point."""
+    return rl.experiment(seed=0, size="smoke").replace(exploit=pt.Truncation(0.25)).run()
 
 
 def member(rl: ModuleType, hparams: Any, seed: int = 0) -> Any:
