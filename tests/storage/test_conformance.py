@@ -485,6 +485,98 @@ def test_put_members_updates_existing_and_inserts_new(storage: Storage) -> None:
     )
 
 
+def _since(storage: Storage, version: int | None) -> tuple[int, list[int]]:
+    with storage.transaction(RUN) as tx:
+        now, rows = tx.members_since(version)
+    return now, [r.id for r in rows]
+
+
+def test_members_since_returns_every_row_changed_after_a_version(storage: Storage) -> None:
+    """members_since(v) holds (at least) every row written after version v, by any writer:
+    a transaction, a claim, a heartbeat; the whole population for None. A worker that keeps
+    rows and reads only these sees exactly what a full read would show."""
+    storage.create_run(RUN, {}, "fp", members=[MemberRow(member_state(i)) for i in range(4)])
+    storage.create_run(OTHER, {}, "fp", members=[MemberRow(member_state(0))])
+    start, everyone = _since(storage, None)
+    assert everyone == [0, 1, 2, 3]
+    kept = {r.id: r for r in storage.members(RUN)}
+
+    def refresh(version: int) -> int:
+        with storage.transaction(RUN) as tx:
+            now, rows = tx.members_since(version)
+        assert now >= version
+        kept.update((r.id, r) for r in rows)
+        assert_exact(sorted(kept.values(), key=lambda r: r.id), storage.members(RUN), "kept")
+        return now
+
+    with storage.transaction(RUN) as tx:
+        tx.put_members([MemberRow(member_state(2, step=4), owner="w1", heartbeat=1.0)])
+    v1 = refresh(start)
+    assert 2 in _since(storage, start)[1]
+    with storage.transaction(RUN) as tx:
+        tx.claim(1, "w1", timeout=30.0)
+    v2 = refresh(v1)
+    assert 1 in _since(storage, v1)[1]
+    assert storage.heartbeat(RUN, "w1", 50.0) == 2
+    v3 = refresh(v2)
+    assert {1, 2} <= set(_since(storage, v2)[1])
+    with storage.transaction(OTHER) as tx:  # another run's writes are not this run's
+        tx.put_members([MemberRow(member_state(0, step=9))])
+    with storage.transaction(RUN) as tx:  # a transaction that rolls back changes nothing
+        tx.put_members([MemberRow(member_state(3, step=99))])
+        tx.set_status("failed")
+        with contextlib.suppress(ZeroDivisionError):
+            raise ZeroDivisionError
+    refresh(v3)
+
+
+def test_transaction_checkpoints_of_some_members_or_locations(storage: Storage) -> None:
+    """checkpoints(members, locations): the rows of these members and at these locations,
+    oldest first, its own writes included."""
+    storage.create_run(RUN, {}, "fp")
+    with storage.transaction(RUN) as tx:
+        rows = [tx.add_checkpoint(i % 3, i, f"c{i}", i) for i in range(6)]
+    with storage.transaction(RUN) as tx:
+        new = tx.add_checkpoint(2, 9, "c9", 9)
+        assert tx.checkpoints([0]) == [rows[0], rows[3]]
+        assert tx.checkpoints([1], ["c2", "nowhere"]) == [rows[1], rows[2], rows[4]]
+        assert tx.checkpoints([2]) == [rows[2], rows[5], new]
+        assert tx.checkpoints([], ["c5"]) == [rows[5]]
+        assert tx.checkpoints([]) == []
+        tx.delete_checkpoints(["c3"])
+        assert tx.checkpoints([0]) == [rows[0]]
+
+
+def test_event_count_follows_events_added_in_the_transaction(storage: Storage) -> None:
+    """event_count() is the index of the next event, within a transaction and after it."""
+    storage.create_run(RUN, {}, "fp")
+
+    def event(i: int) -> dict[str, Any]:
+        return {
+            "index": i,
+            "member": 0,
+            "step": i,
+            "donor": None,
+            "donor_step": None,
+            "kind": "explore",
+            "old_hparams": {},
+            "new_hparams": {},
+            "operations": {},
+        }
+
+    with storage.transaction(RUN) as tx:
+        assert tx.event_count() == 0
+        tx.add_events([event(0), event(1)])
+        assert tx.event_count() == 2
+    with storage.transaction(RUN) as tx:
+        assert tx.event_count() == 2
+        tx.add_events([event(2)])
+        tx.set_controller(3, {})
+    with storage.transaction(RUN) as tx:
+        assert (tx.event_count(), tx.run().generation) == (3, 3)
+    assert len(storage.events(RUN)) == 3
+
+
 def test_put_members_can_clear_owner_and_checkpoint(storage: Storage) -> None:
     """Writing None into owner, heartbeat and checkpoint fields clears them."""
     held = MemberRow(

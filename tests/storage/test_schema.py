@@ -368,8 +368,8 @@ def write_version_1_database(engine: sa.Engine) -> None:
 
 def test_version_1_database_is_migrated_with_its_data_intact(sql_url: str, raw: sa.Engine) -> None:
     """A database written with schema version 1 opens: results gain a ``segment`` column (None
-    for the old rows), everything already stored reads back unchanged, and new results keep
-    their segment."""
+    for the old rows), member rows a version (0 for the old rows), everything already stored
+    reads back unchanged, and new results keep their segment."""
     write_version_1_database(raw)
     assert "segment" not in column_names(raw, "poptune_results")
     with open_storage(sql_url) as storage:
@@ -408,12 +408,17 @@ def test_version_1_database_is_migrated_with_its_data_intact(sql_url: str, raw: 
             tx.add_results([ResultRow(0, 5, 0.75, {}, segment=0)])
         assert [r.segment for r in storage.results("old-run")] == [None, None, 0]
     assert "segment" in column_names(raw, "poptune_results")
-    assert schema_version(raw) == SCHEMA_VERSION == 2
+    assert "version" in column_names(raw, "poptune_members")
+    assert schema_version(raw) == SCHEMA_VERSION == 3
     with open_storage(sql_url) as storage:  # migrated once: opening again changes nothing
         assert len(storage.results("old-run")) == 3
+        with storage.transaction("old-run") as tx:  # old rows are at member version 0
+            version, rows = tx.members_since(None)
+            assert (version, [r.id for r in rows]) == (0, [0])
+            assert tx.members_since(0) == (0, [])
         storage.create_run("new-run", {}, "fp")  # and the migrated database takes new runs
         assert [r.name for r in storage.list_runs()] == ["old-run", "new-run"]
-    assert schema_version(raw) == 2
+    assert schema_version(raw) == 3
 
 
 def test_poptune_tables_without_meta_are_refused(sql_url: str, raw: sa.Engine) -> None:
@@ -513,6 +518,43 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         finally:
             conn.close()
+
+
+@pytest.mark.skipif(sql_storage.fcntl is None, reason="no flock on this platform")
+def test_sqlite_writers_queue_on_a_lock_file_beside_the_database(tmp_path: Path) -> None:
+    """A write transaction holds an exclusive flock on ``FILE-poptune-lock`` (writers wait
+    there, woken the moment it is free, instead of in SQLite's sleeping retries), and lets
+    it go when it ends; readers never take it."""
+    import fcntl
+    import os
+
+    path = tmp_path / "p.db"
+    lock = tmp_path / "p.db-poptune-lock"
+
+    def free() -> bool:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    with open_storage(f"sqlite:///{path}") as storage:
+        storage.create_run("r", {}, "fp")
+        assert lock.exists() and free()
+        with storage.transaction("r") as tx:
+            assert not free()
+            tx.set_status("running")
+        assert free()
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            assert storage.get_run("r") is not None  # a read while a writer holds the lock
+            assert [r.name for r in storage.list_runs()] == ["r"]
+        finally:
+            os.close(fd)
 
 
 def _open_at(url: str, start: float) -> str:

@@ -396,7 +396,9 @@ class Lifecycle:
         write_population(tx, pbt, rows, stored)
         tx.add_results(results)
         tx.add_events(events)
-        return Committed(rows, retention(tx, self.options.keep_checkpoints, rows))
+        saved = {t.member for t in trained}
+        doomed = retention(tx, self.options.keep_checkpoints, rows, stored, saved)
+        return Committed(rows, doomed)
 
     def _lineage(
         self,

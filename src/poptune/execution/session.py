@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -400,18 +400,49 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "differs in: " + ", ".join(diffs) if diffs else "same keys"
 
 
-def retention(tx: Transaction, keep_last: int, rows: Sequence[MemberRow]) -> list[str]:
+def retention(
+    tx: Transaction,
+    keep_last: int,
+    rows: Sequence[MemberRow],
+    stored: Mapping[int, MemberRow] | None = None,
+    saved: Collection[int] | None = None,
+) -> list[str]:
     """Forgets old checkpoints in ``tx``; returns the locations whose files may be deleted.
 
     A checkpoint that any member's current state refers to (its own, or a donor's it copied)
     is never collected, whatever its age.
+
+    With ``stored`` (the rows as read earlier in ``tx``) and ``saved`` (the members that
+    recorded a checkpoint in it), only the checkpoints this transaction may have made
+    collectable are looked at: those of the ``saved`` members, and those of the members whose
+    checkpoint a row stopped referring to. Retention keeps each member's newest ones
+    (`poptune.storage.checkpoints.select_for_deletion` judges members independently), so no
+    other member's checkpoints can have become collectable, and every earlier transaction
+    collected its own.
     """
     from poptune.storage.checkpoints import CheckpointRef, select_for_deletion
 
     protected = {r.checkpoint for r in rows if r.checkpoint is not None}
+    if stored is None or saved is None:
+        kept = tx.checkpoints()
+    else:
+        released = {
+            old.checkpoint
+            for r in rows
+            if (old := stored.get(r.id)) is not None
+            and old.checkpoint is not None
+            and old.checkpoint != r.checkpoint
+            and old.checkpoint not in protected
+        }
+        kept = tx.checkpoints(saved, released)
+        # A released checkpoint of a member that saved none here (a donor's, which a member
+        # copied and has now trained past): that member's other checkpoints decide its fate.
+        others = {c.member for c in kept if c.location in released} - set(saved)
+        if others:
+            seen = {c.id for c in kept}
+            kept += [c for c in tx.checkpoints(others) if c.id not in seen]
     refs = [
-        CheckpointRef(location=c.location, member=c.member, step=c.step, created=c.id)
-        for c in tx.checkpoints()
+        CheckpointRef(location=c.location, member=c.member, step=c.step, created=c.id) for c in kept
     ]
     doomed = select_for_deletion(refs, keep_last, protected)
     tx.delete_checkpoints(doomed)

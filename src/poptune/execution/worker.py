@@ -308,6 +308,9 @@ class Worker:
         self.parent_pid = parent_pid
         self.on_commit = on_commit
         self.report = WorkReport(worker_id)
+        # The population as last read, and its version (`Transaction.members_since`).
+        self._rows: dict[int, MemberRow] = {}
+        self._seen: int | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -338,10 +341,21 @@ class Worker:
     def _claim(self) -> MemberRow | int | None:
         """A claimed member's row; -1 when none is free yet; None when the run is over."""
         with self._transaction() as tx:
-            return self._pick(tx, tx.run().status, tx.members())
+            return self._pick(tx, tx.run().status, list(self._population(tx).values()))
 
     def _transaction(self) -> contextlib.AbstractContextManager[Transaction]:
         return committing(self.storage, self.name)
+
+    def _population(self, tx: Transaction) -> dict[int, MemberRow]:
+        """Every member's row as of ``tx``, by id: the rows kept from the last transaction,
+        with those changed since read again. Only committed rows are ever kept (they are read
+        before ``tx`` writes), so a transaction that rolls back leaves nothing wrong here."""
+        version, changed = tx.members_since(self._seen)
+        if self._seen is None or version < self._seen:  # first look, or a new run
+            self._rows = {}
+        self._rows.update((r.id, r) for r in changed)
+        self._seen = version
+        return dict(self._rows)
 
     def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> MemberRow | int | None:
         """Claims, in ``tx``, the member to train next (`claim_order`), if any is free; marks
@@ -410,7 +424,7 @@ class Worker:
             return self._failed(mid, exc, step)
         began = time.perf_counter()
         with self._transaction() as tx:
-            stored = {r.id: r for r in tx.members()}
+            stored = self._population(tx)
             if stored[mid].owner != self.id:  # presumed dead meanwhile: the work is dropped
                 committed = None
             else:
@@ -440,7 +454,7 @@ class Worker:
 
     def _failed(self, mid: int, exc: BaseException, step: int) -> int:
         with self._transaction() as tx:
-            stored = {r.id: r for r in tx.members()}
+            stored = self._population(tx)
             if stored[mid].owner != self.id:
                 return -1
             pbt = controller_from(self.exp, tx.run(), stored.values())

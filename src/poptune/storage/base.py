@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,7 +80,7 @@ __all__ = [
     "Transaction",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StorageError(RuntimeError):
@@ -192,6 +192,17 @@ class Transaction(abc.ABC):
     def members(self) -> list[MemberRow]:
         """Every member of the run, by id."""
 
+    def members_since(self, version: int | None) -> tuple[int, list[MemberRow]]:
+        """The run's member version now, and (by id) every member whose row changed after
+        ``version`` (a version this method returned earlier in this run); every member when
+        ``version`` is None.
+
+        A worker that keeps the rows it read reads only what other workers changed since, so
+        a commit does not cost as much as the population. A storage that cannot tell which
+        rows changed returns them all, which is always correct (the default).
+        """
+        return 0, self.members()
+
     @abc.abstractmethod
     def put_members(self, rows: Sequence[MemberRow]) -> None:
         """Inserts or replaces these members' rows."""
@@ -227,8 +238,15 @@ class Transaction(abc.ABC):
         """Records a checkpoint file that has been completely written."""
 
     @abc.abstractmethod
-    def checkpoints(self) -> list[CheckpointRow]:
-        """Every checkpoint row of the run, oldest first."""
+    def checkpoints(
+        self, members: Collection[int] | None = None, locations: Collection[str] = ()
+    ) -> list[CheckpointRow]:
+        """Every checkpoint row of the run, oldest first; with ``members``, only those of
+        these members and those at ``locations``.
+
+        A worker's commit concerns a member or two: retention reads only their rows, where
+        reading every row made each commit cost as much as the population.
+        """
 
     @abc.abstractmethod
     def delete_checkpoints(self, locations: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -113,9 +113,17 @@ class _MemoryTransaction(Transaction):
         self._checkpoints.append(row)
         return row
 
-    def checkpoints(self) -> list[CheckpointRow]:
+    def checkpoints(
+        self, members: Collection[int] | None = None, locations: Collection[str] = ()
+    ) -> list[CheckpointRow]:
         rows = self._run.checkpoints + self._checkpoints
-        return [r for r in rows if r.location not in self._deleted]
+        wanted, at = (None if members is None else set(members)), set(locations)
+        return [
+            r
+            for r in rows
+            if r.location not in self._deleted
+            and (wanted is None or r.member in wanted or r.location in at)
+        ]
 
     def delete_checkpoints(self, locations: Sequence[str]) -> None:
         self._deleted.update(locations)

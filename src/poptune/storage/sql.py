@@ -4,7 +4,8 @@ The schema is versioned in ``poptune_meta``. A database written by an older popt
 when a migration exists, and refused otherwise; one written by a newer poptune is refused. In
 both cases the message says what to do. Versions: 1, the first; 2 adds the lineage ``segment``
 and the ``device`` of each result and the ``execution`` record of each run (`MIGRATIONS` adds
-the columns; older rows read as None). Every table is
+the columns; older rows read as None); 3 adds the version of each member row and of each run's
+population (`poptune.storage.base.Transaction.members_since`). Every table is
 prefixed ``poptune_`` so a run may share a database with other applications.
 """
 
@@ -13,15 +14,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite's own waiting only
+    fcntl = None  # type: ignore[assignment]
 
 from poptune.storage.base import (
     SCHEMA_VERSION,
@@ -87,6 +94,8 @@ runs_table = sa.Table(
     sa.Column("pending", _JSON, nullable=False),
     sa.Column("execution", _JSON),
     sa.Column("event_count", sa.Integer, nullable=False, default=0),
+    # Schema version 3: bumped by every transaction that writes member rows.
+    sa.Column("member_version", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
 )
@@ -103,6 +112,8 @@ members_table = sa.Table(
     sa.Column("checkpoint", sa.Text),
     sa.Column("checkpoint_step", sa.BigInteger),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    # Schema version 3: the run's member version when the row was last written.
+    sa.Column("version", sa.BigInteger, nullable=False, default=0, server_default="0"),
 )
 results_table = sa.Table(
     "poptune_results",
@@ -166,8 +177,22 @@ def _add_result_segments(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE poptune_runs ADD COLUMN execution TEXT"))
 
 
+def _add_member_versions(conn: Connection) -> None:
+    """2 -> 3: member rows carry the version of the run's population that last wrote them,
+    so a worker reads only the rows changed since it last looked."""
+    conn.execute(
+        sa.text("ALTER TABLE poptune_runs ADD COLUMN member_version BIGINT NOT NULL DEFAULT 0")
+    )
+    conn.execute(
+        sa.text("ALTER TABLE poptune_members ADD COLUMN version BIGINT NOT NULL DEFAULT 0")
+    )
+
+
 #: Migrations from schema version N to N + 1, applied in order inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_result_segments}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _add_result_segments,
+    2: _add_member_versions,
+}
 
 
 def _server_clock() -> sa.ColumnElement[float]:
@@ -216,6 +241,9 @@ class _SQLTransaction(Transaction):
         self._storage, self._conn, self._run_id, self._row = storage, conn, run_id, row
         self._info: RunInfo | None = None
         self._now: float | None = None
+        self._version: int | None = None  # the member version this transaction writes
+        self._events = int(row.event_count)
+        self._run_values: dict[str, Any] = {}  # written by `flush`
 
     def run(self) -> RunInfo:
         if self._info is None:
@@ -230,50 +258,41 @@ class _SQLTransaction(Transaction):
     def members(self) -> list[MemberRow]:
         return _read_members(self._conn, self._run_id)
 
+    def members_since(self, version: int | None) -> tuple[int, list[MemberRow]]:
+        now = int(self._row.member_version)
+        if version is None or version > now:  # the run was deleted and created again
+            return now, _read_members(self._conn, self._run_id)
+        if version == now:
+            return now, []
+        return now, _read_members(self._conn, self._run_id, since=version)
+
+    def _next_version(self) -> int:
+        """The member version of this transaction's writes (the run's is bumped once)."""
+        if self._version is None:
+            self._version = int(self._row.member_version) + 1
+            self._run_values["member_version"] = self._version
+        return self._version
+
+    def flush(self) -> None:
+        """Writes the run row's changes, once per transaction, before it commits."""
+        if self._run_values:
+            self._conn.execute(
+                sa.update(runs_table)
+                .where(runs_table.c.id == self._run_id)
+                .values(**self._run_values, updated=time.time())
+            )
+            self._run_values = {}
+
     def put_members(self, rows: Sequence[MemberRow]) -> None:
         if not rows:
             return
-        m = members_table
-        values = [_member_values(self._run_id, row) for row in rows]
-        # Only these members' ids: a claim or a commit writes one member or a few. (Many
-        # rows: every id, as one IN list could pass SQLite's limit of 999 variables.)
-        ids = sorted({v["id"] for v in values})
-        query = sa.select(m.c.id).where(m.c.run_id == self._run_id)
-        if len(ids) <= 500:
-            query = query.where(m.c.id.in_(ids))
-        existing = {r[0] for r in self._conn.execute(query)}
-        updates = [v for v in values if v["id"] in existing]
-        inserts = [v for v in values if v["id"] not in existing]
-        if inserts:
-            self._conn.execute(sa.insert(m), inserts)
-        if updates:
-            stmt = (
-                sa.update(m)
-                .where(m.c.run_id == sa.bindparam("b_run"), m.c.id == sa.bindparam("b_id"))
-                .values(
-                    state=sa.bindparam("state"),
-                    step=sa.bindparam("step"),
-                    status=sa.bindparam("status"),
-                    owner=sa.bindparam("owner"),
-                    heartbeat=sa.bindparam("heartbeat"),
-                    checkpoint=sa.bindparam("checkpoint"),
-                    checkpoint_step=sa.bindparam("checkpoint_step"),
-                    attempts=sa.bindparam("attempts"),
-                )
-            )
-            params = []
-            for v in updates:
-                p = {k: v[k] for k in v if k not in ("run_id", "id")}
-                p["b_run"], p["b_id"] = v["run_id"], v["id"]
-                params.append(p)
-            self._conn.execute(stmt, params)
+        version = self._next_version()
+        # One statement, inserted or updated: a claim or a commit writes a member or a few.
+        values = [_member_values(self._run_id, row, version) for row in rows]
+        self._conn.execute(self._storage._upsert_members(), values)
 
     def set_controller(self, generation: int, pending: Mapping[str, Any]) -> None:
-        self._conn.execute(
-            sa.update(runs_table)
-            .where(runs_table.c.id == self._run_id)
-            .values(generation=generation, pending=dict(pending), updated=time.time())
-        )
+        self._run_values.update(generation=generation, pending=dict(pending))
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self._conn.execute(
@@ -309,11 +328,7 @@ class _SQLTransaction(Transaction):
             )
 
     def event_count(self) -> int:
-        return int(
-            self._conn.execute(
-                sa.select(runs_table.c.event_count).where(runs_table.c.id == self._run_id)
-            ).scalar_one()
-        )
+        return self._events
 
     def add_events(self, events: Sequence[Mapping[str, Any]]) -> None:
         if not events:
@@ -337,11 +352,8 @@ class _SQLTransaction(Transaction):
             ],
         )
         top = max(int(e["index"]) for e in events) + 1
-        self._conn.execute(
-            sa.update(runs_table)
-            .where(runs_table.c.id == self._run_id, runs_table.c.event_count < top)
-            .values(event_count=top)
-        )
+        if top > self._events:
+            self._events = self._run_values["event_count"] = top
 
     def add_checkpoint(self, member: int, step: int, location: str, size: int) -> CheckpointRow:
         now = time.time()
@@ -359,8 +371,26 @@ class _SQLTransaction(Transaction):
         assert pk is not None
         return CheckpointRow(int(pk[0]), member, step, location, size, now)
 
-    def checkpoints(self) -> list[CheckpointRow]:
-        return _read_checkpoints(self._conn, self._run_id)
+    def checkpoints(
+        self, members: Collection[int] | None = None, locations: Collection[str] = ()
+    ) -> list[CheckpointRow]:
+        if members is None:
+            return _read_checkpoints(self._conn, self._run_id)
+        wanted, at = set(members), set(locations)
+        if not wanted and not at:
+            return []
+        c = checkpoints_table
+        query = sa.select(c).where(c.c.run_id == self._run_id)
+        if len(wanted) + len(at) <= 500:  # SQLite allows 999 variables in one statement
+            query = query.where(
+                sa.or_(c.c.member.in_(sorted(wanted)), c.c.location.in_(sorted(at)))
+            )
+        rows = self._conn.execute(query.order_by(c.c.id))
+        return [
+            CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created)
+            for r in rows
+            if r.member in wanted or r.location in at
+        ]
 
     def delete_checkpoints(self, locations: Sequence[str]) -> None:
         if locations:
@@ -382,8 +412,9 @@ class _SQLTransaction(Transaction):
         )
 
 
-def _member_values(run_id: int, row: MemberRow) -> dict[str, Any]:
+def _member_values(run_id: int, row: MemberRow, version: int = 0) -> dict[str, Any]:
     return {
+        "version": version,
         "run_id": run_id,
         "id": row.id,
         "state": dict(row.state),
@@ -397,9 +428,12 @@ def _member_values(run_id: int, row: MemberRow) -> dict[str, Any]:
     }
 
 
-def _read_members(conn: Connection, run_id: int) -> list[MemberRow]:
+def _read_members(conn: Connection, run_id: int, since: int | None = None) -> list[MemberRow]:
     m = members_table
-    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.id))
+    query = sa.select(m).where(m.c.run_id == run_id)
+    if since is not None:
+        query = query.where(m.c.version > since)
+    rows = conn.execute(query.order_by(m.c.id))
     return [
         MemberRow(
             state=r.state,
@@ -417,6 +451,32 @@ def _read_checkpoints(conn: Connection, run_id: int) -> list[CheckpointRow]:
     c = checkpoints_table
     rows = conn.execute(sa.select(c).where(c.c.run_id == run_id).order_by(c.c.id))
     return [CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created) for r in rows]
+
+
+@contextlib.contextmanager
+def _writers_queue(path: str | None) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``path`` (next to a SQLite file) for a write.
+
+    SQLite makes a writer that finds the database locked sleep and retry (1, 2, 5, 10 ms and
+    longer), so two workers committing in turn lost milliseconds per commit asleep while the
+    lock was free. Writers that queue on a file lock first are woken by the kernel the moment
+    the lock is released. Where no such lock can be taken (a read-only folder, a file system
+    without ``flock``), SQLite's own waiting remains, which is correct, only slower.
+    """
+    if path is None or fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run_info(r: Any) -> RunInfo:
@@ -471,6 +531,10 @@ class SQLStorage(Storage):
                 "(sqlite:///FILE.db) or PostgreSQL (postgresql+psycopg://...)."
             )
         self.dialect = backend
+        self._member_upsert: Any = None
+        db = parsed.database if backend == "sqlite" else None
+        # Beside the file, as SQLite's own -wal and -shm files are (see `_writers_queue`).
+        self._queue_path = f"{db}-poptune-lock" if db and db != ":memory:" else None
         self.engine = self._make_engine(parsed)
         self._local = threading.local()
         try:
@@ -484,6 +548,20 @@ class SQLStorage(Storage):
         except Exception:
             self.engine.dispose()
             raise
+
+    def _upsert_members(self) -> Any:
+        """``INSERT ... ON CONFLICT (run_id, id) DO UPDATE`` for member rows (built once)."""
+        if self._member_upsert is None:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            m = members_table
+            dialect = postgresql if self.dialect == "postgresql" else sqlite
+            stmt: Any = dialect.insert(m)
+            self._member_upsert = stmt.on_conflict_do_update(
+                index_elements=[m.c.run_id, m.c.id],
+                set_={c.name: stmt.excluded[c.name] for c in m.c if c.name not in ("run_id", "id")},
+            )
+        return self._member_upsert
 
     def _make_engine(self, url: sa.URL) -> Engine:
         if self.dialect == "sqlite":
@@ -519,7 +597,11 @@ class SQLStorage(Storage):
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         """A connection in a write transaction (committed on success, rolled back on error)."""
-        with self.engine.connect().execution_options(poptune_write=True) as conn, conn.begin():
+        with (
+            _writers_queue(self._queue_path),
+            self.engine.connect().execution_options(poptune_write=True) as conn,
+            conn.begin(),
+        ):
             yield conn
 
     def _check_schema(self, create: bool) -> None:
@@ -657,7 +739,9 @@ class SQLStorage(Storage):
     def transaction(self, name: str) -> Iterator[Transaction]:
         with self._write() as conn:
             row = self._run_row(conn, name, lock=True)
-            yield _SQLTransaction(self, conn, int(row.id), row)
+            tx = _SQLTransaction(self, conn, int(row.id), row)
+            yield tx
+            tx.flush()
 
     def _clock(self, conn: Connection) -> float:
         if self.dialect == "postgresql":
@@ -675,10 +759,11 @@ class SQLStorage(Storage):
         with self._write() as conn:
             # The run row first, as every transaction does: rows are always locked in the same
             # order, so a heartbeat never deadlocks with a commit on PostgreSQL.
+            query = sa.select(runs_table.c.id, runs_table.c.member_version).where(
+                runs_table.c.name == name
+            )
             row = conn.execute(
-                sa.select(runs_table.c.id).where(runs_table.c.name == name).with_for_update()
-                if self.dialect == "postgresql"
-                else sa.select(runs_table.c.id).where(runs_table.c.name == name)
+                query.with_for_update() if self.dialect == "postgresql" else query
             ).first()
             if row is None:
                 return 0
@@ -687,9 +772,18 @@ class SQLStorage(Storage):
                 if now is not None
                 else (_server_clock() if self.dialect == "postgresql" else time.time())
             )
+            version = int(row[1]) + 1  # so that workers keeping rows read the new heartbeats
             res = conn.execute(
-                sa.update(m).where(m.c.run_id == row[0], m.c.owner == owner).values(heartbeat=beat)
+                sa.update(m)
+                .where(m.c.run_id == row[0], m.c.owner == owner)
+                .values(heartbeat=beat, version=version)
             )
+            if res.rowcount:
+                conn.execute(
+                    sa.update(runs_table)
+                    .where(runs_table.c.id == row[0])
+                    .values(member_version=version)
+                )
             return int(res.rowcount or 0)
 
     # -- reads ---------------------------------------------------------------------------------
