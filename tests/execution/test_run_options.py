@@ -21,6 +21,7 @@ FIELDS = (
     "poll_interval",
     "max_lag",
     "cache_size",
+    "claim_batch",
     "threads",
 )
 
@@ -29,7 +30,7 @@ def test_the_fields_and_their_defaults() -> None:
     """The documented fields, in order, with their documented defaults."""
     options = RunOptions()
     assert tuple(f for f in RunOptions.__dataclass_fields__) == FIELDS
-    assert [getattr(options, f) for f in FIELDS] == [2, None, 2, 30.0, 0.05, None, 3, None]
+    assert [getattr(options, f) for f in FIELDS] == [2, None, 2, 30.0, 0.05, None, 3, None, None]
     with pytest.raises(AttributeError):
         options.max_retries = 5  # type: ignore[misc]
 
@@ -58,6 +59,8 @@ def test_the_fields_and_their_defaults() -> None:
         ("max_lag", True, "`max_lag >= 1`"),
         ("cache_size", 0, "`cache_size >= 1`"),
         ("cache_size", 2.5, "`cache_size >= 1`"),
+        ("claim_batch", 0, "`claim_batch >= 1`"),
+        ("claim_batch", True, "`claim_batch >= 1`"),
         ("threads", 0, "`threads >= 1`"),
         ("threads", True, "`threads >= 1`"),
     ],
@@ -75,7 +78,15 @@ def test_invalid_values_are_refused_saying_what_must_hold(
         assert "a bool is not" in message
 
 
-@pytest.mark.parametrize("field", ["max_failures", "max_lag", "threads"])
+def test_claim_batch_is_at_most_the_cache_size() -> None:
+    """A worker keeps the members it claims live: a batch larger than its cache is refused."""
+    assert RunOptions(claim_batch=3).claim_batch == 3
+    assert RunOptions(claim_batch=5, cache_size=5).claim_batch == 5
+    with pytest.raises(ValueError, match=r"`claim_batch <= cache_size` must hold.*claim_batch=4"):
+        RunOptions(claim_batch=4)
+
+
+@pytest.mark.parametrize("field", ["max_failures", "max_lag", "claim_batch", "threads"])
 def test_optional_fields_accept_none(field: str) -> None:
     assert getattr(RunOptions(**{field: None}), field) is None
 

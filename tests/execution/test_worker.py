@@ -63,6 +63,40 @@ def test_work_trains_a_run_without_a_driver_and_completes_it(env: Any, tmp_path:
     assert check_exact(result, False) >= 1
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_a_worker_commits_the_members_it_claims_together(
+    env: Any, tmp_path: Path, batch: int
+) -> None:
+    """With claim_batch k, a worker claims k members, trains each to its ready point, and
+    commits the k stretches in one transaction (they share its duration and end); every
+    score is still what the lineage says."""
+    env(noise=0, pop=6, steps=20, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    create_run(url, tmp_path / "ckpts")
+    options = pt.RunOptions(claim_batch=batch)
+    report = work(url, "r", str(tmp_path / "ckpts"), options, source=SOURCE)
+    assert report.status == "completed" and report.steps == 6 * 20
+    commits: dict[tuple[float, float], list[int]] = {}
+    for s in report.stretches:
+        commits.setdefault((s.commit_seconds, s.committed_at), []).append(s.member)
+    assert {len(members) for members in commits.values()} == {batch}
+    assert all(len(set(members)) == batch for members in commits.values())
+    result = pt.load(url, "r")
+    check_complete(result, 20, 6)
+    assert check_exact(result, False) >= 1
+
+
+def test_batch_size_by_default_is_half_the_free_members_within_the_cache() -> None:
+    """By default a worker leaves other workers half the claimable members, and never claims
+    more than it can keep live."""
+    from poptune.execution.worker import batch_size
+
+    default = pt.RunOptions()
+    assert [batch_size(default, n) for n in (1, 2, 3, 4, 5, 6, 100)] == [1, 1, 2, 2, 3, 3, 3]
+    assert batch_size(pt.RunOptions(cache_size=8), 100) == 8
+    assert batch_size(pt.RunOptions(claim_batch=2), 1) == 2
+
+
 def test_two_workers_in_threads_share_a_run(env: Any, tmp_path: Path) -> None:
     """Two workers (threads of this process, each with its own connection) share a run: each
     member-step is committed once, and both end when it completes."""

@@ -113,6 +113,13 @@ class RunOptions:
     cache_size: int = 3
     """Live trainables a worker keeps, the member being trained included (>= 1)."""
 
+    claim_batch: int | None = None
+    """Workers (processes, ``poptune worker``, Ray actors): members a worker claims at once,
+    trains to their ready points one after the other, and commits in one transaction (None or
+    from 1 to ``cache_size``). The transaction, under the run's lock, is what limits a run
+    of cheap steps; a batch shares one among its members. None: half the claimable members,
+    at most ``cache_size``, so that other workers find members to claim too."""
+
     threads: int | None = None
     """Math-library threads per worker (None or >= 1). None: ``OMP_NUM_THREADS`` when the
     environment sets it, else the machine's cores divided by the number of workers, at
@@ -129,10 +136,17 @@ class RunOptions:
             "poll_interval": _check_seconds("poll_interval", self.poll_interval),
             "max_lag": _check_int("max_lag", self.max_lag, minimum=1, optional=True),
             "cache_size": _check_int("cache_size", self.cache_size, minimum=1),
+            "claim_batch": _check_int("claim_batch", self.claim_batch, 1, optional=True),
             "threads": _check_int("threads", self.threads, minimum=1, optional=True),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        if self.claim_batch is not None and self.claim_batch > self.cache_size:
+            raise ValueError(
+                f"`claim_batch <= cache_size` must hold (a worker keeps the members it claims "
+                f"live), but got claim_batch={self.claim_batch} and cache_size="
+                f"{self.cache_size}."
+            )
 
     def failure_budget(self, population_size: int) -> int:
         """How many members may fail for good before the run stops: it stops when more do.

@@ -1,22 +1,29 @@
-"""One worker's loop: claim a member, train it to its next ready point, commit; again.
+"""One worker's loop: claim members, train them to their next ready points, commit; again.
 
-`work` is the loop every executor that trains members one at a time runs: each worker process
-of the processes executor (`poptune.execution.processes`), ``poptune worker`` on any machine
-that reaches the run's storage and checkpoints, and any other host of a worker (a Ray actor,
-say). It is the member lifecycle of `poptune.execution.lifecycle`, one member at a time:
+`work` is the loop every executor that trains members in worker processes runs: each worker
+process of the processes executor (`poptune.execution.processes`), ``poptune worker`` on any
+machine that reaches the run's storage and checkpoints, and any other host of a worker (a Ray
+actor, say). It is the member lifecycle of `poptune.execution.lifecycle`:
 
 1. **Claim**, in an exclusive transaction: among the running members no live worker holds, the
    least advanced; among equals those this worker keeps live (no rebuild), then the
-   best-scoring first (`claim_order`). A member ``max_lag`` steps or more ahead of the slowest
-   is not claimed. A member whose owner stopped sending heartbeats (judged on the storage's
-   clock), or whose process is gone (only for owners of this host and PID namespace), is
-   claimed again from its last checkpoint. Two workers never hold the same member.
-2. **Restore** it (kept live in the worker's bounded cache when nobody else trained it since,
-   else loaded from the checkpoint its row names), then train it to its next ready point.
-3. **Checkpoint** it, then **commit**, in one transaction: its results, the controller's
-   decisions, the lineage events, the checkpoint references, the release of the claim and the
-   claim of the next member. The commit is refused if the worker no longer owns the member
-   (it was presumed dead): its work is dropped, never mixed with the new owner's.
+   best-scoring first (`claim_order`). A worker claims a batch of them (`batch_size`: by
+   default half the claimable members, at most its cache of live trainables). A member
+   ``max_lag`` steps or more ahead of the slowest is not claimed. A member whose owner stopped
+   sending heartbeats (judged on the storage's clock), or whose process is gone (only for
+   owners of this host and PID namespace), is claimed again from its last checkpoint. Two
+   workers never hold the same member.
+2. **Restore** each (kept live in the worker's bounded cache when nobody else trained it since,
+   else loaded from the checkpoint its row names), train it to its next ready point and
+   **checkpoint** it; then the next member of the batch.
+3. **Commit** the batch in one transaction: the results, the controller's decisions, the
+   lineage events, the checkpoint references, the release of the claims and the claim of the
+   next batch. The transaction (under the run's lock) is what limits a run of cheap steps, so
+   a batch shares one; a worker keeps the member rows it read and reads only those changed
+   since (`poptune.storage.base.Transaction.members_since`). A member the worker no longer
+   owns (it was presumed dead) is left out: its work is dropped, never mixed with the new
+   owner's. A member whose step raised takes the failure path at once, in a transaction of
+   its own.
 
 **Who ends the run.** The worker whose claim finds no member left to train (every member
 finished or failed) marks the run completed, inside its exclusive transaction: exactly one
@@ -62,7 +69,7 @@ if TYPE_CHECKING:
     from poptune.experiment import Experiment
     from poptune.trainable import Trainable
 
-__all__ = ["Stretch", "WorkReport", "Worker", "join_run", "settle_run", "work"]
+__all__ = ["Stretch", "WorkReport", "Worker", "batch_size", "join_run", "settle_run", "work"]
 
 #: Run statuses in which no worker trains.
 FINAL = ("completed", "failed", "interrupted")
@@ -318,7 +325,7 @@ class Worker:
         """Trains until the run is over or the worker must stop; releases what it holds."""
         try:
             with Heartbeat(self.storage, self.name, self.id, self.options.heartbeat_timeout):
-                claimed: MemberRow | int | None = -1
+                claimed: list[MemberRow] | int | None = -1
                 while not self.stopping.is_set():
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         self.report.stopped = True
@@ -330,7 +337,7 @@ class Worker:
                     if isinstance(claimed, int):
                         time.sleep(self.options.poll_interval)
                         continue
-                    # Committing a member claims the next one in the same transaction.
+                    # Committing members claims the next ones in the same transaction.
                     claimed = self._work(claimed)
                 if self.stopping.is_set():
                     self.report.stopped = True
@@ -338,8 +345,8 @@ class Worker:
             self._release_all()
         return self.report
 
-    def _claim(self) -> MemberRow | int | None:
-        """A claimed member's row; -1 when none is free yet; None when the run is over."""
+    def _claim(self) -> list[MemberRow] | int | None:
+        """The claimed members' rows; -1 when none is free yet; None when the run is over."""
         with self._transaction() as tx:
             return self._pick(tx, tx.run().status, list(self._population(tx).values()))
 
@@ -357,9 +364,11 @@ class Worker:
         self._seen = version
         return dict(self._rows)
 
-    def _pick(self, tx: Transaction, status: str, rows: list[MemberRow]) -> MemberRow | int | None:
-        """Claims, in ``tx``, the member to train next (`claim_order`), if any is free; marks
-        the run completed when no member is left to train."""
+    def _pick(
+        self, tx: Transaction, status: str, rows: list[MemberRow]
+    ) -> list[MemberRow] | int | None:
+        """Claims, in ``tx``, the members to train next (`claim_order`; `batch_size` of them),
+        if any is free; marks the run completed when no member is left to train."""
         if status in FINAL or self.stopping.is_set():
             self.report.status = status
             return None
@@ -384,19 +393,79 @@ class Worker:
         ]
         if not free:
             return -1
-        pick = min(free, key=lambda r: claim_order(r, self.exp.mode, self.cache))
+        picks = sorted(free, key=lambda r: claim_order(r, self.exp.mode, self.cache))
         known = {r.id: r for r in rows}
-        return tx.claim(pick.id, self.id, self.options.heartbeat_timeout, known=known)
+        timeout = self.options.heartbeat_timeout
+        return [
+            tx.claim(r.id, self.id, timeout, known=known)
+            for r in picks[: batch_size(self.options, len(free))]
+        ]
 
-    def _work(self, row: MemberRow) -> MemberRow | int | None:
-        """Trains a claimed member to its next ready point and commits; returns what `_claim`
-        would (the next member, already claimed)."""
+    def _work(self, rows: list[MemberRow]) -> list[MemberRow] | int | None:
+        """Trains claimed members to their next ready points, one after the other, and commits
+        them together; returns what `_claim` would (the next members, already claimed)."""
+        trained: list[tuple[Trained, int]] = []  # and the step each started from
+        for row in rows:
+            try:
+                done = self._train(row)
+            except _Stopping:
+                for t, _ in trained:  # written, never committed: nobody will refer to them
+                    self.cache.drop(t.member)
+                    with contextlib.suppress(Exception):
+                        self.ckpts.delete(t.location)
+                return None
+            if done is not None:
+                trained.append((done, int(row.state["step"])))
+        if not trained:
+            return -1
+        began = time.perf_counter()
+        claimed: list[MemberRow] | int | None = -1
+        with self._transaction() as tx:
+            stored = self._population(tx)
+            # A member whose worker was presumed dead meanwhile: its work is dropped.
+            owned = [(t, start) for t, start in trained if stored[t.member].owner == self.id]
+            committed = None
+            if owned:
+                info = tx.run()
+                pbt = controller_from(self.exp, info, stored.values())
+                committed = self.life.commit(
+                    tx, pbt, [t for t, _ in owned], stored, keep_owner=False
+                )
+                claimed = self._pick(tx, info.status, committed.rows)
+        seconds = time.perf_counter() - began
+        for t, _ in trained:
+            if not any(t is o for o, _ in owned):
+                self.report.dropped += 1
+                self.cache.drop(t.member)
+                with contextlib.suppress(Exception):  # no row refers to it
+                    self.ckpts.delete(t.location)
+        if committed is None:
+            return -1
+        for doomed in committed.doomed:
+            self.ckpts.delete(doomed)
+        now = time.time()
+        for t, start in owned:
+            score = t.results[-1].score if t.results else float("nan")
+            stretch = Stretch(t.member, start, t.step, score, seconds, now)
+            self.report.stretches.append(stretch)
+            if self.on_commit is not None:
+                self.on_commit(stretch)
+        return claimed
+
+    def _train(self, row: MemberRow) -> Trained | None:
+        """Trains a claimed member to its next ready point and checkpoints it; keeps its
+        trainable live (at that checkpoint: a decision that names another takes effect at the
+        next restore). None when it failed (recorded in a transaction of its own).
+
+        Raises:
+            _Stopping: The worker was told to stop; the stretch is dropped.
+        """
         mid = row.id
         held = self.cache.take(mid)
         if held is None:
             self.cache.make_room()
         trainable: Trainable | None = None
-        start = step = int(row.state["step"])
+        step = int(row.state["step"])
         try:
             trainable = self.life.restore(row, held)
             self.life.context(trainable, mid, step)
@@ -413,7 +482,7 @@ class Worker:
             if trainable is not None:
                 self.cache.put(mid, None, trainable)  # its state is not at any checkpoint
                 self.cache.drop(mid)
-            return None
+            raise
         except Exception as exc:
             if trainable is not None and trainable is not (held[1] if held else None):
                 with contextlib.suppress(Exception):
@@ -421,46 +490,19 @@ class Worker:
             elif held is not None:
                 with contextlib.suppress(Exception):
                     held[1].close()
-            return self._failed(mid, exc, step)
-        began = time.perf_counter()
-        with self._transaction() as tx:
-            stored = self._population(tx)
-            if stored[mid].owner != self.id:  # presumed dead meanwhile: the work is dropped
-                committed = None
-            else:
-                info = tx.run()
-                pbt = controller_from(self.exp, info, stored.values())
-                committed = self.life.commit(
-                    tx, pbt, [Trained(mid, step, results, location, size)], stored, keep_owner=False
-                )
-                claimed = self._pick(tx, info.status, committed.rows)
-        seconds = time.perf_counter() - began
-        if committed is None:
-            self.report.dropped += 1
-            with contextlib.suppress(Exception):
-                trainable.close()
-            return -1
-        for doomed in committed.doomed:
-            self.ckpts.delete(doomed)
-        # Kept at the checkpoint just written: the decision (an exploit names another) takes
-        # effect at the next restore, inside the failure path.
+            self._failed(mid, exc, step)
+            return None
         self.cache.put(mid, location, trainable)
-        score = results[-1].score if results else float("nan")
-        stretch = Stretch(mid, start, step, score, seconds, time.time())
-        self.report.stretches.append(stretch)
-        if self.on_commit is not None:
-            self.on_commit(stretch)
-        return claimed
+        return Trained(mid, step, results, location, size)
 
-    def _failed(self, mid: int, exc: BaseException, step: int) -> int:
+    def _failed(self, mid: int, exc: BaseException, step: int) -> None:
         with self._transaction() as tx:
             stored = self._population(tx)
             if stored[mid].owner != self.id:
-                return -1
+                return
             pbt = controller_from(self.exp, tx.run(), stored.values())
             self.report.failures += 1
             self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
-        return -1
 
     def _release_all(self) -> None:
         self.cache.clear()
@@ -470,6 +512,14 @@ class Worker:
         except Exception:
             pass
         self.storage.close()
+
+
+def batch_size(options: RunOptions, free: int) -> int:
+    """How many of ``free`` claimable members a worker claims at once (`RunOptions.claim_batch`;
+    by default half of them, at most ``cache_size``, at least 1)."""
+    if options.claim_batch is not None:
+        return options.claim_batch
+    return max(1, min(options.cache_size, (free + 1) // 2))
 
 
 class _Stopping(Exception):
