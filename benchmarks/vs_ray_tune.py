@@ -417,8 +417,12 @@ def main() -> None:
         ray.cloudpickle.register_pickle_by_value(module)  # Tune's actors cannot import them
     t0 = time.perf_counter()
     # log_to_driver=False: Tune's trial actors log every save and restore; poptune's are silent.
-    ray.init(
-        num_cpus=WORKERS, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+    ray.init(  # "local": a new instance, never a cluster another program left running
+        address="local",
+        num_cpus=WORKERS,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
     )
     ray_start = time.perf_counter() - t0
     frameworks = [f for f in FRAMEWORKS if f in args.frameworks]

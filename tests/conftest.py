@@ -126,7 +126,7 @@ def ray_local() -> Iterator[object]:
             pytest.fail(f"{message} (POPTUNE_REQUIRE_RAY=1)", pytrace=False)
         pytest.skip(message)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:

@@ -207,3 +207,43 @@ def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture
         argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
         assert main(argv) == 2, bad
         assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "expected"),
+    [
+        (None, None, "local"),
+        (None, "10.0.0.5:6379", "10.0.0.5:6379"),
+        ("auto", "10.0.0.5:6379", "auto"),
+        ("10.0.0.7:6379", None, "10.0.0.7:6379"),
+    ],
+)
+def test_connect_starts_a_local_instance_unless_told_where(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, env: str | None, expected: str
+) -> None:
+    """No address and no RAY_ADDRESS: a new local instance (``address="local"``), never a
+    cluster that Ray finds left running on the machine (``ray.init()``'s own default);
+    RAY_ADDRESS, then ``address``, when given. A connection the process holds is kept."""
+    from poptune.execution import ray as ray_executor
+
+    calls: list[dict[str, Any]] = []
+
+    class FakeRay:
+        initialized = False
+
+        def is_initialized(self) -> bool:
+            return self.initialized
+
+        def init(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+    monkeypatch.setattr(ray_executor, "import_ray", FakeRay)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    ray_executor.connect(address)
+    assert [c["address"] for c in calls] == [expected]
+    FakeRay.initialized = True
+    ray_executor.connect(address)
+    assert len(calls) == 1

@@ -27,9 +27,11 @@ dies; it trains nothing.
   run: it raises `RunFailed` when the failure policy stopped the run and `RunInterrupted` when
   the actors stopped before it completed.
 * **The Ray instance.** A Ray connection this process already holds (``ray.init`` called by
-  the user) is used as it is. Otherwise ``address`` is connected to, or, when it is None, a
-  local instance is started (no dashboard, usage statistics off) and kept for later runs in
-  this process.
+  the user) is used as it is. Otherwise ``address`` is connected to, else ``RAY_ADDRESS``
+  when the environment sets it, else a new local instance is started (no dashboard, usage
+  statistics off) and kept for later runs in this process. Never a cluster Ray merely finds
+  on this machine (``ray.init()``'s own default joins the last one ``ray start`` or another
+  program left running, whoever's it is).
 """
 
 from __future__ import annotations
@@ -178,13 +180,15 @@ def _assigned_gpu() -> str | None:
 
 def connect(address: str | None) -> Any:
     """The ``ray`` module, connected: as the user connected it, else to ``address``, else to
-    a new local instance (no dashboard, usage statistics off)."""
+    ``RAY_ADDRESS``, else to a new local instance (no dashboard, usage statistics off)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     else:
         ray.init(address=address, logging_level="WARNING")
     return ray
