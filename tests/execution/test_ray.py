@@ -207,3 +207,32 @@ def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture
         argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
         assert main(argv) == 2, bad
         assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err
+
+
+def test_actors_that_cannot_import_the_experiment_interrupt_the_run(
+    ray_local: Any, env: Any, tmp_path: Path
+) -> None:
+    """The experiment file imports in the driver but raises in every actor: the driver neither
+    hangs nor returns as if the run had finished; it raises `RunInterrupted` with the actors'
+    error, and leaves the run interrupted. Once the file imports everywhere, running it again
+    completes it."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.002, pop=4, steps=10)
+    path = Path(source.partition(":")[0])
+    blocked = tmp_path / "blocked"
+    blocked.touch()
+    path.write_text(
+        "import os\n"
+        f"if os.path.exists({str(blocked)!r}) and os.getpid() != {os.getpid()}:\n"
+        "    raise RuntimeError('this file imports in the driver only')\n" + path.read_text()
+    )
+    url = f"sqlite:///{tmp_path}/runs.db"
+    exp = load_experiment(source)[0]
+    why = "no Ray actor could start: .*SourceError: .*RuntimeError: this file imports in the driver"
+    with pytest.raises(pt.RunInterrupted, match=why):
+        exp.run(url, "i", executor="ray", workers=2, source=source)
+    info = open_storage(url).get_run("i")
+    assert info.status == "interrupted"
+    assert not named_actors(ray_local, "i")
+    blocked.unlink()
+    result = exp.run(url, "i", executor="ray", workers=2, source=source)
+    check_complete(result, 10, 4)

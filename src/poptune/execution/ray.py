@@ -326,7 +326,7 @@ def run_ray(
                     ray.get(ref)
                     ended = True
                 except Exception as e:  # the actor died, or run() raised
-                    ended, last_error = False, _first_line(e)
+                    ended, last_error = False, _reason(e)
                 with contextlib.suppress(Exception):
                     ray.kill(actor.handle, no_restart=True)
                 if ended:
@@ -370,6 +370,25 @@ def run_ray(
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _reason(exc: BaseException) -> str:
+    """Why an actor ended, in one line: the exception its code raised, else Ray's first line.
+
+    Ray wraps an exception raised in an actor, its constructor's included, in one whose first
+    line only names the actor; the exception itself is its ``cause`` or, for a constructor
+    (`RayWorker` importing the experiment, say), the last line of the traceback in its text.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return _first_line(cause)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        for line in lines[frames[-1] + 1 :]:
+            if not line[:1].isspace():
+                return line.strip()
+    return _first_line(exc)
 
 
 def _started(ray: Any, actor: _Actor) -> bool:
