@@ -24,6 +24,7 @@ from test_faults import check_no_unexplained_repeats, wait_for_results
 
 import poptune as pt
 from poptune.cli import main
+from poptune.execution.ray import check_resources
 from poptune.execution.session import load_result
 from poptune.execution.source import load_experiment
 from poptune.execution.worker import WorkReport, work
@@ -121,6 +122,13 @@ def test_ray_arguments_are_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/runs.db"
     with pytest.raises(ValueError, match="resources"):
         exp.run(url, "a", executor="ray", resources={"gpu": -1})
+    with pytest.raises(ValueError, match=r"more than one GPU must be a whole number.*1\.5"):
+        exp.run(url, "a", executor="ray", resources={"cpu": 1, "GPU": 1.5})
+    with pytest.raises(ValueError, match=r"units of 0\.0001"):
+        exp.run(url, "a", executor="ray", resources={"gpu": 0.00001})
+    shares = {"GPU": 0.25, "cpu": 1.5, "x": 2.5}  # fractions Ray accepts
+    assert check_resources(shares) == {"gpu": 0.25, "cpu": 1.5, "x": 2.5}
+    assert check_resources({"gpu": 2}) == {"gpu": 2.0}
     with pytest.raises(ValueError, match="executor='ray'"):
         exp.run(url, "a", executor="processes", workers=2, resources={"cpu": 1})
     with pytest.raises(ValueError, match="resources=\\{'gpu'"):
@@ -204,7 +212,7 @@ def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture
     """`--resources` must list NAME=AMOUNT pairs; anything else is a usage error."""
     toy = str(HERE.parent.parent / "examples" / "toy_quadratic.py")
     url = f"sqlite:///{tmp_path}/runs.db"
-    for bad in ("gpu", "cpu=x", "gpu=-1", ","):
+    for bad in ("gpu", "cpu=x", "gpu=-1", "gpu=1.5", ","):
         argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
         assert main(argv) == 2, bad
         assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err

@@ -85,8 +85,9 @@ def check_resources(resources: object) -> dict[str, float] | None:
     """The resources each Ray actor asks for, as ``{name: amount}`` (None stays None).
 
     ``"cpu"`` and ``"gpu"`` (case-insensitive) are Ray's CPUs and GPUs; other names are Ray
-    custom resources. Amounts are finite numbers >= 0; a fraction of a GPU lets several
-    actors share it.
+    custom resources. Amounts are finite numbers >= 0, as Ray accepts them: none between 0
+    and 0.0001 (Ray's unit), and more than one GPU only as a whole number; a fraction of a
+    GPU lets several actors share it.
 
     Raises:
         ValueError: Not a mapping of names to such amounts.
@@ -112,7 +113,17 @@ def check_resources(resources: object) -> dict[str, float] | None:
                 f"{{'cpu': 1, 'gpu': 0.5}}, but got {key!r}: {value!r}."
             )
         name = key.lower() if key.lower() in ("cpu", "gpu") else key
-        out[name] = float(value)
+        amount = float(value)
+        if 0 < amount < 0.0001:
+            raise ValueError(
+                f"`resources`: Ray counts amounts in units of 0.0001, but got {key!r}: {value!r}."
+            )
+        if name == "gpu" and amount > 1 and not amount.is_integer():
+            raise ValueError(
+                "`resources`: actors share a GPU in fractions of one, so more than one GPU "
+                f"must be a whole number, but got {key!r}: {value!r}."
+            )
+        out[name] = amount
     return out
 
 
