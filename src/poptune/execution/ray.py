@@ -398,6 +398,7 @@ def run_ray(
                 stranded = time.monotonic()
             elif time.monotonic() - stranded > PLACEMENT_TIMEOUT:
                 _stop_actors(ray, actors, storage, name, grace=0)
+                actors.clear()
                 storage.update_run(name, status="interrupted")
                 raise RunInterrupted(
                     f"Run {name!r}: no Ray actor is running and no live node has what one asks "
