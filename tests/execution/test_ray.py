@@ -24,8 +24,10 @@ from test_faults import check_no_unexplained_repeats, wait_for_results
 
 import poptune as pt
 from poptune.cli import main
+from poptune.execution.ray import check_resources
 from poptune.execution.session import load_result
 from poptune.execution.source import load_experiment
+from poptune.execution.worker import WorkReport, work
 from poptune.storage import open_storage
 
 HERE = Path(__file__).resolve().parent
@@ -120,6 +122,13 @@ def test_ray_arguments_are_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/runs.db"
     with pytest.raises(ValueError, match="resources"):
         exp.run(url, "a", executor="ray", resources={"gpu": -1})
+    with pytest.raises(ValueError, match=r"more than one GPU must be a whole number.*1\.5"):
+        exp.run(url, "a", executor="ray", resources={"cpu": 1, "GPU": 1.5})
+    with pytest.raises(ValueError, match=r"units of 0\.0001"):
+        exp.run(url, "a", executor="ray", resources={"gpu": 0.00001})
+    shares = {"GPU": 0.25, "cpu": 1.5, "x": 2.5}  # fractions Ray accepts
+    assert check_resources(shares) == {"gpu": 0.25, "cpu": 1.5, "x": 2.5}
+    assert check_resources({"gpu": 2}) == {"gpu": 2.0}
     with pytest.raises(ValueError, match="executor='ray'"):
         exp.run(url, "a", executor="processes", workers=2, resources={"cpu": 1})
     with pytest.raises(ValueError, match="resources=\\{'gpu'"):
@@ -203,7 +212,7 @@ def test_cli_resources_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture
     """`--resources` must list NAME=AMOUNT pairs; anything else is a usage error."""
     toy = str(HERE.parent.parent / "examples" / "toy_quadratic.py")
     url = f"sqlite:///{tmp_path}/runs.db"
-    for bad in ("gpu", "cpu=x", "gpu=-1", ","):
+    for bad in ("gpu", "cpu=x", "gpu=-1", "gpu=1.5", ","):
         argv = ["run", toy, "--storage", url, "--executor", "ray", "--resources", bad]
         assert main(argv) == 2, bad
         assert "--resources cpu=1,gpu=0.5" in capsys.readouterr().err
@@ -247,3 +256,98 @@ def test_connect_starts_a_local_instance_unless_told_where(
     FakeRay.initialized = True
     ray_executor.connect(address)
     assert len(calls) == 1
+
+
+def test_actors_that_cannot_import_the_experiment_interrupt_the_run(
+    ray_local: Any, env: Any, tmp_path: Path
+) -> None:
+    """The experiment file imports in the driver but raises in every actor: the driver neither
+    hangs nor returns as if the run had finished; it raises `RunInterrupted` with the actors'
+    error, and leaves the run interrupted. Once the file imports everywhere, running it again
+    completes it."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.002, pop=4, steps=10)
+    path = Path(source.partition(":")[0])
+    blocked = tmp_path / "blocked"
+    blocked.touch()
+    path.write_text(
+        "import os\n"
+        f"if os.path.exists({str(blocked)!r}) and os.getpid() != {os.getpid()}:\n"
+        "    raise RuntimeError('this file imports in the driver only')\n" + path.read_text()
+    )
+    url = f"sqlite:///{tmp_path}/runs.db"
+    exp = load_experiment(source)[0]
+    why = "no Ray actor could start: .*SourceError: .*RuntimeError: this file imports in the driver"
+    with pytest.raises(pt.RunInterrupted, match=why):
+        exp.run(url, "i", executor="ray", workers=2, source=source)
+    info = open_storage(url).get_run("i")
+    assert info.status == "interrupted"
+    assert not named_actors(ray_local, "i")
+    blocked.unlink()
+    result = exp.run(url, "i", executor="ray", workers=2, source=source)
+    check_complete(result, 10, 4)
+
+
+def test_actors_no_node_can_host_interrupt_the_run(
+    ray_local: Any, env: Any, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Actors that ask for a resource no node has, on a cluster given by address (which might
+    be autoscaled, so nothing is refused up front) and a PostgreSQL storage (no node pinning,
+    so Ray only waits): once no node has come for `PLACEMENT_TIMEOUT`, the driver raises
+    `RunInterrupted` saying what the actors ask for, instead of waiting forever, and leaves the
+    run interrupted with no actor left. Asking for what the cluster has then completes it."""
+    from poptune.execution import ray as ray_executor
+
+    monkeypatch.setattr(ray_executor, "PLACEMENT_TIMEOUT", 1.0)
+    source = baked_source(env, tmp_path, noise=0, delay=0.002, pop=4, steps=10)
+    address = ray_local.get_runtime_context().gcs_address
+    exp = load_experiment(source)[0]
+    kwargs: dict[str, Any] = {
+        "executor": "ray",
+        "workers": 2,
+        "source": source,
+        "ray_address": address,
+        "checkpoints": str(tmp_path / "checkpoints"),
+    }
+    with pytest.raises(pt.RunInterrupted, match=r"no live node has .*'nowhere': 1\.0"):
+        exp.run(pg_url, "u", resources={"cpu": 1, "nowhere": 1}, **kwargs)
+    assert open_storage(pg_url).get_run("u").status == "interrupted"
+    assert not named_actors(ray_local, "u")
+    result = exp.run(pg_url, "u", resources={"cpu": 1}, **kwargs)
+    check_complete(result, 10, 4)
+
+
+def test_actors_waiting_for_a_place_end_with_a_run_completed_elsewhere(
+    ray_local: Any, env: Any, tmp_path: Path, pg_url: str
+) -> None:
+    """While the run's actors wait for a node that could host them, a `poptune worker` (here
+    `work` in a thread) completes the run: the driver ends its waiting actors and returns the
+    completed run, rather than waiting on or reporting it interrupted."""
+    source = baked_source(env, tmp_path, noise=0, delay=0.002, pop=4, steps=10)
+    address = ray_local.get_runtime_context().gcs_address
+    exp = load_experiment(source)[0]
+    reports: list[WorkReport] = []
+
+    def elsewhere() -> None:
+        store = open_storage(pg_url)
+        deadline = time.monotonic() + 60
+        while (info := store.get_run("e")) is None or info.status != "running":
+            assert time.monotonic() < deadline, "the driver never started the run"
+            time.sleep(0.05)
+        reports.append(work(pg_url, "e", info.checkpoint_root, pt.RunOptions(), experiment=exp))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    result = exp.run(
+        pg_url,
+        "e",
+        executor="ray",
+        workers=2,
+        source=source,
+        resources={"cpu": 1, "nowhere": 1},
+        ray_address=address,
+        checkpoints=str(tmp_path / "checkpoints"),
+    )
+    thread.join()
+    check_complete(result, 10, 4)
+    assert reports[0].status == "completed" and reports[0].steps == len(result.history)
+    assert not named_actors(ray_local, "e")

@@ -22,6 +22,12 @@ dies; it trains nothing.
   members released at once (by the tag in its worker id) and is replaced, up to
   ``max(4, 2 * workers)`` times; the work it had not committed is lost, nothing else (commits
   are refused to a worker that no longer owns the member, see `poptune.storage.leases`).
+  Actors wait as long as Ray takes to place them, except that while none of the run's actors
+  has started and no live node could host one (its node was lost and not replaced, or it asks
+  for resources no node has), the driver waits at most `PLACEMENT_TIMEOUT` for such a node (an
+  autoscaler adding one, say); it then stops, marks the run interrupted and raises
+  `RunInterrupted` saying what the actors ask for. Actors still waiting for a place when the
+  run ended elsewhere (``poptune worker`` processes completed it) are ended.
   Should the driver die, Ray ends its actors with it; `poptune resume` (or running the
   experiment again) continues from the last commits. The driver never returns an unfinished
   run: it raises `RunFailed` when the failure policy stopped the run and `RunInterrupted` when
@@ -58,9 +64,13 @@ if TYPE_CHECKING:
     from poptune.experiment import Experiment
     from poptune.storage.base import Storage
 
-__all__ = ["RayWorker", "check_resources", "import_ray", "run_ray"]
+__all__ = ["PLACEMENT_TIMEOUT", "RayWorker", "check_resources", "import_ray", "run_ray"]
 
 DEFAULT_RESOURCES: dict[str, float] = {"cpu": 1.0}
+
+#: Seconds the driver waits, while none of its actors has started, for a live Ray node that
+#: could host one (see Faults above) before it gives up on the run: RunInterrupted.
+PLACEMENT_TIMEOUT = 600.0
 
 
 def import_ray() -> Any:
@@ -77,8 +87,9 @@ def check_resources(resources: object) -> dict[str, float] | None:
     """The resources each Ray actor asks for, as ``{name: amount}`` (None stays None).
 
     ``"cpu"`` and ``"gpu"`` (case-insensitive) are Ray's CPUs and GPUs; other names are Ray
-    custom resources. Amounts are finite numbers >= 0; a fraction of a GPU lets several
-    actors share it.
+    custom resources. Amounts are finite numbers >= 0, as Ray accepts them: none between 0
+    and 0.0001 (Ray's unit), and more than one GPU only as a whole number; a fraction of a
+    GPU lets several actors share it.
 
     Raises:
         ValueError: Not a mapping of names to such amounts.
@@ -104,7 +115,17 @@ def check_resources(resources: object) -> dict[str, float] | None:
                 f"{{'cpu': 1, 'gpu': 0.5}}, but got {key!r}: {value!r}."
             )
         name = key.lower() if key.lower() in ("cpu", "gpu") else key
-        out[name] = float(value)
+        amount = float(value)
+        if 0 < amount < 0.0001:
+            raise ValueError(
+                f"`resources`: Ray counts amounts in units of 0.0001, but got {key!r}: {value!r}."
+            )
+        if name == "gpu" and amount > 1 and not amount.is_integer():
+            raise ValueError(
+                "`resources`: actors share a GPU in fractions of one, so more than one GPU "
+                f"must be a whole number, but got {key!r}: {value!r}."
+            )
+        out[name] = amount
     return out
 
 
@@ -221,23 +242,37 @@ def _placement(ray: Any, url: str, address: str | None) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
-def _check_feasible(ray: Any, resources: Mapping[str, float], address: str | None) -> None:
-    """Refuses resources no node of a local Ray instance has (an actor asking for them would
-    wait forever); a cluster given by address may be autoscaled, and Ray warns there."""
-    if address is not None:
-        return
-    total = ray.cluster_resources()
+def _need(resources: Mapping[str, float]) -> dict[str, float]:
+    """What one actor asks Ray for, by Ray's resource names (amounts > 0 only)."""
     need = {
         "CPU": resources.get("cpu", DEFAULT_RESOURCES["cpu"]),
         "GPU": resources.get("gpu", 0.0),
         **{k: v for k, v in resources.items() if k not in ("cpu", "gpu")},
     }
-    short = {k: v for k, v in need.items() if v > 0 and float(total.get(k, 0.0)) < v}
-    if short:
-        have = {k: float(total.get(k, 0.0)) for k in short}
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def _live_nodes(ray: Any) -> list[dict[str, float]]:
+    """The resources of each live node of the Ray instance (all of them, used or not)."""
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _hostable(ray: Any, need: Mapping[str, float]) -> bool:
+    """Whether a live node has ``need`` in all (an actor runs on one node)."""
+    return any(
+        all(float(have.get(k, 0.0)) >= v for k, v in need.items()) for have in _live_nodes(ray)
+    )
+
+
+def _check_feasible(ray: Any, need: Mapping[str, float], address: str | None) -> None:
+    """Refuses resources no node of a local Ray instance has (an actor asking for them would
+    wait forever); a cluster given by address may be autoscaled: `PLACEMENT_TIMEOUT` there."""
+    if address is None and not _hostable(ray, need):
+        have = [{k: float(n.get(k, 0.0)) for k in need} for n in _live_nodes(ray)]
         raise ValueError(
-            f"executor='ray': each actor asks for {short}, but this Ray instance has {have} in "
-            "all, so no actor could ever start. Ask for less with resources=... (--resources)."
+            f"executor='ray': each actor asks for {dict(need)}, but no node of this Ray "
+            f"instance has that much (its nodes have {have}), so no actor could ever start. "
+            "Ask for less with resources=... (--resources)."
         )
 
 
@@ -273,8 +308,9 @@ def run_ray(
 
     Raises:
         RunFailed: The failure policy stopped the run.
-        RunInterrupted: The actors stopped before the run completed (they kept dying, or
-            none could start; the message says why).
+        RunInterrupted: The actors stopped before the run completed (they kept dying, none
+            could start, or no node could host one for `PLACEMENT_TIMEOUT`; the message says
+            why).
         KeyboardInterrupt: Ctrl-C, after the actors stopped and the run was marked
             interrupted.
         ImportError: Ray is not installed.
@@ -284,7 +320,8 @@ def run_ray(
     url = _absolute_sqlite(storage_url) if storage_url.startswith("sqlite") else storage_url
     placement = _placement(ray, url, address)
     res = dict(resources or DEFAULT_RESOURCES)
-    _check_feasible(ray, res, address)
+    need = _need(res)
+    _check_feasible(ray, need, address)
     payload = None
     if source is None:
         try:  # Ray's cloudpickle: classes defined in a script or notebook go by value
@@ -306,6 +343,7 @@ def run_ray(
     restarts, max_restarts = 0, max(4, 2 * workers)
     count, never_started = 0, 0
     last_error: str | None = None
+    stranded: float | None = None  # since when no actor started and no node could host one
 
     def start() -> None:
         nonlocal count
@@ -330,7 +368,7 @@ def run_ray(
                     ray.get(ref)
                     ended = True
                 except Exception as e:  # the actor died, or run() raised
-                    ended, last_error = False, _first_line(e)
+                    ended, last_error = False, _reason(e)
                 with contextlib.suppress(Exception):
                     ray.kill(actor.handle, no_restart=True)
                 if ended:
@@ -351,6 +389,27 @@ def run_ray(
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
                     start()
+            if not actors or any(_started(ray, a) for a in actors.values()):
+                stranded = None
+                continue
+            info = storage.get_run(name)
+            if info is None or info.status != "running":  # ended by workers elsewhere
+                _stop_actors(ray, actors, storage, name, grace=0)
+                actors.clear()
+            elif _hostable(ray, need):
+                stranded = None
+            elif stranded is None:
+                stranded = time.monotonic()
+            elif time.monotonic() - stranded > PLACEMENT_TIMEOUT:
+                _stop_actors(ray, actors, storage, name, grace=0)
+                actors.clear()
+                storage.update_run(name, status="interrupted")
+                raise RunInterrupted(
+                    f"Run {name!r}: no Ray actor is running and no live node has what one asks "
+                    f"for ({need}); none came within {PLACEMENT_TIMEOUT:g} s. The run is kept; "
+                    "resume it once the cluster has such a node, or ask for less with "
+                    "resources=... (--resources)."
+                )
     except KeyboardInterrupt:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -376,6 +435,25 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def _reason(exc: BaseException) -> str:
+    """Why an actor ended, in one line: the exception its code raised, else Ray's first line.
+
+    Ray wraps an exception raised in an actor, its constructor's included, in one whose first
+    line only names the actor; the exception itself is its ``cause`` or, for a constructor
+    (`RayWorker` importing the experiment, say), the last line of the traceback in its text.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return _first_line(cause)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        for line in lines[frames[-1] + 1 :]:
+            if not line[:1].isspace():
+                return line.strip()
+    return _first_line(exc)
+
+
 def _started(ray: Any, actor: _Actor) -> bool:
     """Whether the actor's constructor ran (it answered `RayWorker.pid`)."""
     try:
@@ -385,13 +463,15 @@ def _started(ray: Any, actor: _Actor) -> bool:
     return True
 
 
-def _stop_actors(ray: Any, actors: Mapping[Any, _Actor], storage: Storage, name: str) -> None:
-    """Asks every actor to stop between steps, kills those that do not within 30 s, and
-    releases their members."""
+def _stop_actors(
+    ray: Any, actors: Mapping[Any, _Actor], storage: Storage, name: str, grace: float = 30.0
+) -> None:
+    """Asks every actor to stop between steps, kills those that do not within ``grace``
+    seconds, and releases their members."""
     for actor in actors.values():
         with contextlib.suppress(Exception):
             actor.handle.stop.remote()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + grace
     pending = list(actors)
     while pending and time.monotonic() < deadline:
         with contextlib.suppress(Exception):
