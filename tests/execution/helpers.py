@@ -36,13 +36,15 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
         scores[(h.member, h.step)] = h.score
 
     def value(member: int, step: int, before: int) -> float:
-        """The member's x at ``step`` after its events numbered below ``before``."""
+        """The member's x at ``step`` after its events numbered below ``before``: the donor's
+        when the member reached ``step`` by a copy (at that step, or of a donor ahead of it:
+        its step became the donor's), else its own recorded score."""
         copies = [
             e
             for e in events
             if e.member == member
             and e.index < before
-            and e.step == step
+            and e.donor_step == step
             and e.donor not in (None, member)
         ]
         if copies:

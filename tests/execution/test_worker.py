@@ -20,6 +20,7 @@ import poptune as pt
 from poptune.cli import main
 from poptune.cli.worker import network_filesystem
 from poptune.execution.session import prepare_run
+from poptune.execution.worker import Worker as LoopWorker
 from poptune.execution.worker import join_run, work
 from poptune.storage import leases, open_storage
 from poptune.storage.folders import claim_checkpoint_folder
@@ -83,6 +84,40 @@ def test_a_worker_commits_the_members_it_claims_together(
     assert all(len(set(members)) == batch for members in commits.values())
     result = pt.load(url, "r")
     check_complete(result, 20, 6)
+    assert check_exact(result, False) >= 1
+
+
+def test_a_member_that_copies_a_donor_ahead_takes_its_step_exactly(
+    env: Any, tmp_path: Path
+) -> None:
+    """Two workers of 2 members each: A trains its members to step 10 while B's wait at 0;
+    then B's are judged at step 5 against A's scores at 5, and one copies A's best member,
+    whose latest state is at step 10. It takes step 10 (its history skips 6-10, its event
+    says so), and every later score is exactly what the lineage says. (Seed 1 draws the best
+    lr for A's member 1 and the worst for B's member 3.)"""
+    env(noise=0, pop=4, steps=20, interval=5, seed=1)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    root = tmp_path / "ckpts"
+    create_run(url, root)
+    options = pt.RunOptions(claim_batch=2)
+    a = LoopWorker(experiment(), url, "r", str(root), options, "host:1:a")
+    b = LoopWorker(experiment(), url, "r", str(root), options, "host:1:b")
+    first_a, first_b = a._claim(), b._claim()
+    assert isinstance(first_a, list) and isinstance(first_b, list)
+    again = a._work(first_a)  # to step 5, committed; claims its own two again (B holds the rest)
+    assert isinstance(again, list) and {r.id for r in again} == {r.id for r in first_a}
+    a._work(again)  # to step 10
+    b._work(first_b)  # to step 5, judged there: the bottom member copies A's best, at 10
+    a._release_all()
+    b._release_all()
+    work(url, "r", str(root), options, source=SOURCE)
+    result = pt.load(url, "r")
+    check_complete(result, 20, 4)
+    ahead = [e for e in result.events if e.donor_step is not None and e.donor_step > e.step]
+    assert ahead and (ahead[0].step, ahead[0].donor_step) == (5, 10)
+    assert ahead[0].member in (2, 3) and ahead[0].donor in (0, 1)
+    trained = {h.step for h in result.history if h.member == ahead[0].member}
+    assert trained.isdisjoint(range(6, 11)) and {5, 11} <= trained
     assert check_exact(result, False) >= 1
 
 
