@@ -2,7 +2,8 @@
 
 Every executor runs the same stages for a member; they differ only in where the stages run
 (the serial executor interleaves the whole population in lockstep in this process; the
-processes executor runs one member at a time in each worker process):
+processes executor's worker processes run a small batch of members each, one after the
+other, and commit the batch together):
 
 1. **claim**: the worker becomes the member's owner in the storage (`claim_order` says which
    member a free worker takes);

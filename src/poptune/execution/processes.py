@@ -1,9 +1,9 @@
 """The processes executor: N worker processes share one run through its storage.
 
 Each worker process runs `poptune.execution.worker.work`, the one worker loop (claim, restore,
-train to the next ready point, checkpoint, commit, one member at a time; its module docstring
-says how members are claimed and who ends the run). ``poptune worker`` runs the same loop on
-other machines, and they may join a run this executor trains.
+train to the next ready point, checkpoint, commit, a small batch of members at a time; its
+module docstring says how members are claimed and who ends the run). ``poptune worker`` runs
+the same loop on other machines, and they may join a run this executor trains.
 
 A member judged at step ``s`` ranks against each peer's score at ``s`` where the peer has one,
 and never copies a donor behind it (see `poptune.PBT`); a member that copies a donor refers to
