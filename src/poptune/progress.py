@@ -70,17 +70,18 @@ def format_hparams(hparams: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in hparams.items())
 
 
-def format_duration(seconds: float) -> str:
-    """``12.3s``, ``4m05s`` or ``2h07m``."""
+def format_duration(seconds: float, *, spaced: bool = False) -> str:
+    """``12.3s``, ``4m05s`` or ``2h07m``; ``spaced``: ``12.3 s``, ``4 min 05 s``, ``2 h 07 min``."""
+    s, m, h, gap = (" s", " min", " h", " ") if spaced else ("s", "m", "h", "")
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
     if seconds < 60:
-        return f"{seconds:.1f}s"
+        return f"{seconds:.1f}{s}"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
+        return f"{minutes}{m}{gap}{secs:02d}{s}"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    return f"{hours}{h}{gap}{minutes:02d}{m}"
 
 
 def best_member(info: RunInfo, rows: Sequence[MemberRow]) -> MemberRecord | None:

@@ -404,53 +404,54 @@ class Worker:
     def _work(self, rows: list[MemberRow]) -> list[MemberRow] | int | None:
         """Trains claimed members to their next ready points, one after the other, and commits
         them together; returns what `_claim` would (the next members, already claimed)."""
-        trained: list[tuple[Trained, int]] = []  # and the step each started from
+        start = {row.id: int(row.state["step"]) for row in rows}
+        trained: list[Trained] = []
         for row in rows:
             try:
                 done = self._train(row)
             except _Stopping:
-                for t, _ in trained:  # written, never committed: nobody will refer to them
-                    self.cache.drop(t.member)
-                    with contextlib.suppress(Exception):
-                        self.ckpts.delete(t.location)
+                self._drop(trained)  # written, never committed
                 return None
             if done is not None:
-                trained.append((done, int(row.state["step"])))
+                trained.append(done)
         if not trained:
             return -1
         began = time.perf_counter()
         claimed: list[MemberRow] | int | None = -1
+        committed = None
         with self._transaction() as tx:
             stored = self._population(tx)
             # A member whose worker was presumed dead meanwhile: its work is dropped.
-            owned = [(t, start) for t, start in trained if stored[t.member].owner == self.id]
-            committed = None
+            owned = [t for t in trained if stored[t.member].owner == self.id]
             if owned:
                 info = tx.run()
                 pbt = controller_from(self.exp, info, stored.values())
-                committed = self.life.commit(
-                    tx, pbt, [t for t, _ in owned], stored, keep_owner=False
-                )
+                committed = self.life.commit(tx, pbt, owned, stored, keep_owner=False)
                 claimed = self._pick(tx, info.status, committed.rows)
         seconds = time.perf_counter() - began
-        for t, _ in trained:
-            if not any(t is o for o, _ in owned):
-                self.report.dropped += 1
-                self.cache.drop(t.member)
-                with contextlib.suppress(Exception):  # no row refers to it
-                    self.ckpts.delete(t.location)
+        lost = [t for t in trained if t not in owned]
+        self.report.dropped += len(lost)
+        self._drop(lost)
         if committed is None:
             return -1
         for doomed in committed.doomed:
             self.ckpts.delete(doomed)
         now = time.time()
-        for t, start in owned:
+        for t in owned:
             score = t.results[-1].score if t.results else float("nan")
-            stretch = Stretch(t.member, start, t.step, score, seconds, now)
+            stretch = Stretch(t.member, start[t.member], t.step, score, seconds, now)
             self.report.stretches.append(stretch)
             if self.on_commit is not None:
                 self.on_commit(stretch)
         return claimed
+
+    def _drop(self, trained: list[Trained]) -> None:
+        """Forgets stretches that will never be committed: their trainables and the checkpoint
+        files no row refers to."""
+        for t in trained:
+            self.cache.drop(t.member)
+            with contextlib.suppress(Exception):
+                self.ckpts.delete(t.location)
 
     def _train(self, row: MemberRow) -> Trained | None:
         """Trains a claimed member to its next ready point and checkpoints it; keeps its

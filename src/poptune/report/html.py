@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
+from poptune.progress import format_duration
 from poptune.report import svg
 from poptune.report.data import Report
 
@@ -50,18 +51,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
 def _when(timestamp: float) -> str:
     if not timestamp:
         return "-"
@@ -78,7 +67,7 @@ def _summary(report: Report) -> str:
     best = (
         f"{_fmt(s.best_score)}" if s.best_score is not None and s.best_member is not None else "-"
     )
-    wall = _duration(s.wall_time) + (" so far" if s.status == "running" else "")
+    wall = format_duration(s.wall_time, spaced=True) + (" so far" if s.status == "running" else "")
     facts = [
         _fact(s.status, "status", f"status-{s.status}"),
         _fact(

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from poptune.progress import format_value
 from poptune.report.data import HparamInfo, Report, Stretch
 from poptune.report.scales import Scale, format_tick, member_colour, score_colour
 from poptune.result import Event
@@ -37,14 +38,8 @@ def _num(x: float) -> str:
     return f"{x:.1f}"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _hp_text(hparams: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in hparams.items())
+    return ", ".join(f"{k}={format_value(v)}" for k, v in hparams.items())
 
 
 def _score_text(score: float) -> str:
@@ -407,7 +402,7 @@ def schedule(report: Report) -> str:
                 pts,
                 member_colour(r.member, n),
                 3.0,
-                f"steps {r.start + 1}-{r.end}: {info.name}={_fmt(r.hparams[info.name])} "
+                f"steps {r.start + 1}-{r.end}: {info.name}={format_value(r.hparams[info.name])} "
                 f"(trained by member {r.member})",
             )
             if pts[1][0] - pts[0][0] > 26:

@@ -374,23 +374,7 @@ class _SQLTransaction(Transaction):
     def checkpoints(
         self, members: Collection[int] | None = None, locations: Collection[str] = ()
     ) -> list[CheckpointRow]:
-        if members is None:
-            return _read_checkpoints(self._conn, self._run_id)
-        wanted, at = set(members), set(locations)
-        if not wanted and not at:
-            return []
-        c = checkpoints_table
-        query = sa.select(c).where(c.c.run_id == self._run_id)
-        if len(wanted) + len(at) <= 500:  # SQLite allows 999 variables in one statement
-            query = query.where(
-                sa.or_(c.c.member.in_(sorted(wanted)), c.c.location.in_(sorted(at)))
-            )
-        rows = self._conn.execute(query.order_by(c.c.id))
-        return [
-            CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created)
-            for r in rows
-            if r.member in wanted or r.location in at
-        ]
+        return _read_checkpoints(self._conn, self._run_id, members, locations)
 
     def delete_checkpoints(self, locations: Sequence[str]) -> None:
         if locations:
@@ -447,10 +431,30 @@ def _read_members(conn: Connection, run_id: int, since: int | None = None) -> li
     ]
 
 
-def _read_checkpoints(conn: Connection, run_id: int) -> list[CheckpointRow]:
+def _read_checkpoints(
+    conn: Connection,
+    run_id: int,
+    only: Collection[int] | None = None,
+    at: Collection[str] = (),
+) -> list[CheckpointRow]:
+    """The run's checkpoint rows, oldest first; with ``only``, those of these members and
+    those at the locations ``at``."""
     c = checkpoints_table
-    rows = conn.execute(sa.select(c).where(c.c.run_id == run_id).order_by(c.c.id))
-    return [CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created) for r in rows]
+    query = sa.select(c).where(c.c.run_id == run_id)
+    members, locations = (None, set()) if only is None else (set(only), set(at))
+    if members is not None:
+        if not members and not locations:
+            return []
+        if len(members) + len(locations) <= 500:  # SQLite allows 999 variables a statement
+            query = query.where(
+                sa.or_(c.c.member.in_(sorted(members)), c.c.location.in_(sorted(locations)))
+            )
+    rows = conn.execute(query.order_by(c.c.id))
+    return [
+        CheckpointRow(r.id, r.member, r.step, r.location, r.size, r.created)
+        for r in rows
+        if members is None or r.member in members or r.location in locations
+    ]
 
 
 @contextlib.contextmanager
