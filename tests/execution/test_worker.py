@@ -134,7 +134,7 @@ def test_batch_size_by_default_is_half_the_free_members_within_the_cache() -> No
 
 def test_two_workers_in_threads_share_a_run(env: Any, tmp_path: Path) -> None:
     """Two workers (threads of this process, each with its own connection) share a run: each
-    member-step is committed once, and both end when it completes."""
+    member-step trained is committed once, and both end when it completes."""
     env(noise=0, pop=4, steps=20, interval=2, delay=0.002)
     url = f"sqlite:///{tmp_path}/runs.db"
     create_run(url, tmp_path / "ckpts")
@@ -149,10 +149,12 @@ def test_two_workers_in_threads_share_a_run(env: Any, tmp_path: Path) -> None:
     for t in threads:
         t.join(timeout=120)
     assert [r.status for r in reports] == ["completed", "completed"]
-    assert sum(r.steps for r in reports) == 4 * 20
     result = pt.load(url, "r")
     check_complete(result, 20, 4)
-    check_exact(result, False)
+    check_exact(result, False)  # no member-step trained twice
+    # Every step a worker trained was committed, once. Fewer than 4 * 20 when a member copied
+    # a donor ahead of it (it takes the donor's step); which members do depends on the threads.
+    assert sum(r.steps for r in reports) == len(result.history) <= 4 * 20
 
 
 def test_a_stop_event_ends_the_worker_and_releases_its_member(env: Any, tmp_path: Path) -> None:
