@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,18 @@ def test_work_trains_a_run_without_a_driver_and_completes_it(env: Any, tmp_path:
     assert check_exact(result, False) >= 1
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize(("batch", "cache"), [(1, 3), (2, 3), (3, 3), (6, 2)])
 def test_a_worker_commits_the_members_it_claims_together(
-    env: Any, tmp_path: Path, batch: int
+    env: Any, tmp_path: Path, batch: int, cache: int
 ) -> None:
     """With claim_batch k, a worker claims k members, trains each to its ready point, and
     commits the k stretches in one transaction (they share its duration and end); every
-    score is still what the lineage says."""
+    score is still what the lineage says, also when the batch is larger than the cache of
+    live trainables (members beyond it are restored from their checkpoints)."""
     env(noise=0, pop=6, steps=20, interval=5)
     url = f"sqlite:///{tmp_path}/runs.db"
     create_run(url, tmp_path / "ckpts")
-    options = pt.RunOptions(claim_batch=batch)
+    options = pt.RunOptions(claim_batch=batch, cache_size=cache)
     report = work(url, "r", str(tmp_path / "ckpts"), options, source=SOURCE)
     assert report.status == "completed" and report.steps == 6 * 20
     commits: dict[tuple[float, float], list[int]] = {}
@@ -122,14 +124,52 @@ def test_a_member_that_copies_a_donor_ahead_takes_its_step_exactly(
 
 
 def test_batch_size_by_default_is_half_the_free_members_within_the_cache() -> None:
-    """By default a worker leaves other workers half the claimable members, and never claims
-    more than it can keep live."""
+    """By default a worker leaves other workers half the claimable members, and claims no
+    more than it can keep live, unless its commits cost more than its training: then enough
+    that commits take a quarter of its time."""
     from poptune.execution.worker import batch_size
 
     default = pt.RunOptions()
     assert [batch_size(default, n) for n in (1, 2, 3, 4, 5, 6, 100)] == [1, 1, 2, 2, 3, 3, 3]
     assert batch_size(pt.RunOptions(cache_size=8), 100) == 8
     assert batch_size(pt.RunOptions(claim_batch=2), 1) == 2
+    # Training a member takes 1 ms, a commit 4 ms: 12 members make the commit a quarter.
+    assert batch_size(default, 100, 0.001, 0.004) == 12
+    assert batch_size(default, 10, 0.001, 0.004) == 5  # still half the free members
+    assert batch_size(default, 100, 0.5, 0.004) == 3  # dear steps: the cache bounds it
+    assert batch_size(pt.RunOptions(claim_batch=2), 100, 0.001, 0.004) == 2
+
+
+@pytest.mark.parametrize("slow", ["commits", "steps"])
+def test_a_worker_claims_larger_batches_when_its_commits_cost_more_than_its_steps(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """Commits 50 ms slower (a distant database, say) than training a member: the worker
+    claims more members than its cache holds, up to half the free ones, and the run is
+    still exact. Steps of 20 ms: batches stay within the cache."""
+    from poptune.execution.lifecycle import Lifecycle
+
+    env(noise=0, pop=16, steps=20, interval=5, delay=0.02 if slow == "steps" else 0.0)
+    if slow == "commits":
+        commit = Lifecycle.commit
+
+        def slow_commit(self: Lifecycle, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.05)
+            return commit(self, *args, **kwargs)
+
+        monkeypatch.setattr(Lifecycle, "commit", slow_commit)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    create_run(url, tmp_path / "ckpts")
+    report = work(url, "r", str(tmp_path / "ckpts"), pt.RunOptions(), source=SOURCE)
+    assert report.status == "completed"
+    sizes = Counter((s.commit_seconds, s.committed_at) for s in report.stretches).values()
+    if slow == "commits":
+        assert max(sizes) > 3 and max(sizes) <= 8
+    else:
+        assert max(sizes) <= 3
+    result = pt.load(url, "r")
+    check_complete(result, 20, 16)
+    check_exact(result, False)
 
 
 def test_two_workers_in_threads_share_a_run(env: Any, tmp_path: Path) -> None:

@@ -116,9 +116,12 @@ class RunOptions:
     claim_batch: int | None = None
     """Workers (processes, ``poptune worker``, Ray actors): members a worker claims at once,
     trains to their ready points one after the other, and commits in one transaction (None or
-    from 1 to ``cache_size``). The transaction, under the run's lock, is what limits a run
-    of cheap steps; a batch shares one among its members. None: half the claimable members,
-    at most ``cache_size``, so that other workers find members to claim too."""
+    >= 1). The transaction, under the run's lock, is what limits a run of cheap steps; a batch
+    shares one among its members. None: half the claimable members, so that other workers
+    find members to claim too, and at most ``cache_size``, unless the worker's commits take
+    longer than training its members does (cheap steps): it then claims enough members that
+    its commits take about a quarter of its time (`poptune.execution.worker.batch_size`). A
+    member beyond the cache of live trainables is restored from its checkpoint."""
 
     threads: int | None = None
     """Math-library threads per worker (None or >= 1). None: ``OMP_NUM_THREADS`` when the
@@ -141,12 +144,6 @@ class RunOptions:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-        if self.claim_batch is not None and self.claim_batch > self.cache_size:
-            raise ValueError(
-                f"`claim_batch <= cache_size` must hold (a worker keeps the members it claims "
-                f"live), but got claim_batch={self.claim_batch} and cache_size="
-                f"{self.cache_size}."
-            )
 
     def failure_budget(self, population_size: int) -> int:
         """How many members may fail for good before the run stops: it stops when more do.

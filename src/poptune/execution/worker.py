@@ -8,7 +8,8 @@ actor, say). It is the member lifecycle of `poptune.execution.lifecycle`:
 1. **Claim**, in an exclusive transaction: among the running members no live worker holds, the
    least advanced; among equals those this worker keeps live (no rebuild), then the
    best-scoring first (`claim_order`). A worker claims a batch of them (`batch_size`: by
-   default half the claimable members, at most its cache of live trainables). A member
+   default half the claimable members, at most its cache of live trainables, or more when
+   its commits take longer than training a member does). A member
    ``max_lag`` steps or more ahead of the slowest is not claimed. A member whose owner stopped
    sending heartbeats (judged on the storage's clock), or whose process is gone (only for
    owners of this host and PID namespace), is claimed again from its last checkpoint. Two
@@ -37,6 +38,7 @@ its parent process is gone (``parent_pid``); whatever it holds is then released 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -318,6 +320,9 @@ class Worker:
         # The population as last read, and its version (`Transaction.members_since`).
         self._rows: dict[int, MemberRow] = {}
         self._seen: int | None = None
+        # Running means of the seconds one member's stretch and one commit take (`batch_size`).
+        self._stretch_s: float | None = None
+        self._commit_s: float | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -396,16 +401,15 @@ class Worker:
         picks = sorted(free, key=lambda r: claim_order(r, self.exp.mode, self.cache))
         known = {r.id: r for r in rows}
         timeout = self.options.heartbeat_timeout
-        return [
-            tx.claim(r.id, self.id, timeout, known=known)
-            for r in picks[: batch_size(self.options, len(free))]
-        ]
+        size = batch_size(self.options, len(free), self._stretch_s, self._commit_s)
+        return [tx.claim(r.id, self.id, timeout, known=known) for r in picks[:size]]
 
     def _work(self, rows: list[MemberRow]) -> list[MemberRow] | int | None:
         """Trains claimed members to their next ready points, one after the other, and commits
         them together; returns what `_claim` would (the next members, already claimed)."""
         start = {row.id: int(row.state["step"]) for row in rows}
         trained: list[Trained] = []
+        training = time.perf_counter()
         for row in rows:
             try:
                 done = self._train(row)
@@ -417,6 +421,7 @@ class Worker:
         if not trained:
             return -1
         began = time.perf_counter()
+        self._stretch_s = _mean(self._stretch_s, (began - training) / len(rows))
         claimed: list[MemberRow] | int | None = -1
         committed = None
         with self._transaction() as tx:
@@ -429,6 +434,7 @@ class Worker:
                 committed = self.life.commit(tx, pbt, owned, stored, keep_owner=False)
                 claimed = self._pick(tx, info.status, committed.rows)
         seconds = time.perf_counter() - began
+        self._commit_s = _mean(self._commit_s, seconds)
         lost = [t for t in trained if t not in owned]
         self.report.dropped += len(lost)
         self._drop(lost)
@@ -515,12 +521,39 @@ class Worker:
         self.storage.close()
 
 
-def batch_size(options: RunOptions, free: int) -> int:
-    """How many of ``free`` claimable members a worker claims at once (`RunOptions.claim_batch`;
-    by default half of them, at most ``cache_size``, at least 1)."""
+#: The share of a worker's time its commits may take before it claims larger batches than its
+#: cache of live trainables holds (`batch_size`).
+COMMIT_SHARE = 0.25
+
+
+def batch_size(
+    options: RunOptions,
+    free: int,
+    stretch_s: float | None = None,
+    commit_s: float | None = None,
+) -> int:
+    """How many of ``free`` claimable members a worker claims at once (`RunOptions.claim_batch`).
+
+    By default half of them (so that other workers find members too), at least 1, and at most
+    ``cache_size``, unless the worker's commits, ``commit_s`` seconds each, would then take
+    more than `COMMIT_SHARE` of its time, training a member taking ``stretch_s`` (running
+    means; None before the first commit): then enough members that a batch's commit takes
+    that share. Cheap steps (a commit, durable on disk, costs more than training a member to
+    its next ready point) so share their commits among more members; members beyond the cache
+    are restored from their checkpoints, which adds to ``stretch_s``.
+    """
     if options.claim_batch is not None:
         return options.claim_batch
-    return max(1, min(options.cache_size, (free + 1) // 2))
+    limit = options.cache_size
+    if stretch_s and commit_s and stretch_s > 0:
+        enough = math.ceil(commit_s * (1 - COMMIT_SHARE) / (COMMIT_SHARE * stretch_s))
+        limit = max(limit, enough)
+    return max(1, min(limit, (free + 1) // 2))
+
+
+def _mean(old: float | None, new: float) -> float:
+    """A running mean that follows changes within a few commits."""
+    return new if old is None else 0.7 * old + 0.3 * new
 
 
 class _Stopping(Exception):

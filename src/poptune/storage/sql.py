@@ -244,6 +244,9 @@ class _SQLTransaction(Transaction):
         self._version: int | None = None  # the member version this transaction writes
         self._events = int(row.event_count)
         self._run_values: dict[str, Any] = {}  # written by `flush`
+        # Member rows written in this transaction, by id, not yet sent: a commit and the
+        # claims that follow it go as one statement, before any read of the members.
+        self._members: dict[int, MemberRow] = {}
 
     def run(self) -> RunInfo:
         if self._info is None:
@@ -256,9 +259,11 @@ class _SQLTransaction(Transaction):
         return self._now
 
     def members(self) -> list[MemberRow]:
+        self._write_members()
         return _read_members(self._conn, self._run_id)
 
     def members_since(self, version: int | None) -> tuple[int, list[MemberRow]]:
+        self._write_members()
         now = int(self._row.member_version)
         if version is None or version > now:  # the run was deleted and created again
             return now, _read_members(self._conn, self._run_id)
@@ -274,7 +279,9 @@ class _SQLTransaction(Transaction):
         return self._version
 
     def flush(self) -> None:
-        """Writes the run row's changes, once per transaction, before it commits."""
+        """Writes the member rows and the run row's changes, once per transaction, before it
+        commits."""
+        self._write_members()
         if self._run_values:
             self._conn.execute(
                 sa.update(runs_table)
@@ -284,12 +291,18 @@ class _SQLTransaction(Transaction):
             self._run_values = {}
 
     def put_members(self, rows: Sequence[MemberRow]) -> None:
-        if not rows:
-            return
-        version = self._next_version()
-        # One statement, inserted or updated: a claim or a commit writes a member or a few.
-        values = [_member_values(self._run_id, row, version) for row in rows]
-        self._conn.execute(self._storage._upsert_members(), values)
+        if rows:
+            self._next_version()
+            self._members.update((row.id, row) for row in rows)
+
+    def _write_members(self) -> None:
+        """Sends the member rows written since the last read: one statement, each row
+        inserted or updated (the last write of a member in the transaction wins)."""
+        if self._members:
+            version = self._next_version()
+            values = [_member_values(self._run_id, r, version) for r in self._members.values()]
+            self._members = {}
+            self._conn.execute(self._storage._upsert_members(), values)
 
     def set_controller(self, generation: int, pending: Mapping[str, Any]) -> None:
         self._run_values.update(generation=generation, pending=dict(pending))
