@@ -15,7 +15,11 @@ Figures, over the window:
 
 * **ready events/s**: ready events (commits) per second, all workers together;
 * **commit p50 / p99**: how long a worker's commit transaction takes, waiting for the run's
-  lock included (`poptune.execution.worker.Stretch.commit_seconds`);
+  lock included (`poptune.execution.worker.Stretch.commit_seconds`), over commits;
+* **members/commit**: the mean number of members a commit covers. A worker whose commits
+  cost more than training its members claims larger batches
+  (`poptune.execution.worker.batch_size`): with steps this cheap, up to half the free
+  members, so commits get fewer, longer and cheaper per ready event;
 * **double claims**: two checks that must both give 0, over the whole run. *Overlaps*: each
   step records when it ran and in which process (a side file per process); a step of a member
   that starts before another process's step of that member has ended is a double claim.
@@ -214,13 +218,15 @@ def measure(
             raise RuntimeError(f"a worker failed: exit codes {[p.exitcode for p in procs]}")
         reports = [json.loads(Path(o).read_text()) for o in outs]
         pairs = [(t, c) for r in reports for t, c in zip(r["times"], r["commits"], strict=True)]
-        inside = sorted(c for t, c in pairs if began <= t <= ended)
+        inside = [c for t, c in pairs if began <= t <= ended]
+        # The stretches of one commit share its end time and its duration.
+        commits = sorted(c for t, c in {(t, c) for t, c in pairs if began <= t <= ended})
         with open_storage(url) as store:
             history = store.results("scale")
         repeats = sum(n - 1 for n in Counter((h.member, h.step) for h in history).values())
         trained, overlaps = audit(folder)
         profile_text = _profile_text(outs[0] + ".prof") if profile else None
-    q = statistics.quantiles(inside, n=100, method="inclusive")
+    q = statistics.quantiles(commits, n=100, method="inclusive")
     return {
         "members": members,
         "workers": workers,
@@ -230,6 +236,8 @@ def measure(
         "trained_steps": trained,
         "dropped": sum(r["dropped"] for r in reports),
         "events_per_s": len(inside) / (ended - began),
+        "commits_in_window": len(commits),
+        "members_per_commit": len(inside) / max(1, len(commits)),
         "commit_p50_ms": 1000 * q[49],
         "commit_p99_ms": 1000 * q[98],
         "double_claims_overlaps": overlaps,
@@ -269,7 +277,8 @@ def main() -> None:
     )
     head = (
         f"{'members':>7} {'workers':>7} {'events/s':>9} {'commit p50 ms':>14} "
-        f"{'p99 ms':>8} {'double claims':>13} {'dropped':>7} {'load 1 min':>10}"
+        f"{'p99 ms':>8} {'members/commit':>14} {'double claims':>13} {'dropped':>7} "
+        f"{'load 1 min':>10}"
     )
     print(head)
     for members in sizes:
@@ -280,7 +289,8 @@ def main() -> None:
             doubles = row["double_claims_overlaps"] + row["double_claims_repeats"]
             print(
                 f"{members:>7} {workers:>7} {row['events_per_s']:>9.1f} "
-                f"{row['commit_p50_ms']:>14.1f} {row['commit_p99_ms']:>8.1f} {doubles:>13} "
+                f"{row['commit_p50_ms']:>14.1f} {row['commit_p99_ms']:>8.1f} "
+                f"{row['members_per_commit']:>14.1f} {doubles:>13} "
                 f"{row['dropped']:>7} {row['load_after'][0]:>10.2f}",
                 flush=True,
             )

@@ -137,6 +137,9 @@ def test_batch_size_by_default_is_half_the_free_members_within_the_cache() -> No
     assert batch_size(default, 100, 0.001, 0.004) == 12
     assert batch_size(default, 10, 0.001, 0.004) == 5  # still half the free members
     assert batch_size(default, 100, 0.5, 0.004) == 3  # dear steps: the cache bounds it
+    # A slow commit (10 s) and 0.2 s per member: at most a second of training per batch.
+    assert batch_size(default, 100, 0.2, 10.0) == 5
+    assert batch_size(default, 100, 0.6, 10.0) == 3  # never below the cache
     assert batch_size(pt.RunOptions(claim_batch=2), 100, 0.001, 0.004) == 2
 
 

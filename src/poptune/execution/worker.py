@@ -525,6 +525,10 @@ class Worker:
 #: cache of live trainables holds (`batch_size`).
 COMMIT_SHARE = 0.25
 
+#: Seconds of training a batch grown beyond the cache holds at most (`batch_size`): what a
+#: worker that stops or dies loses, uncommitted, and how stale its members' rows get.
+BATCH_SECONDS = 1.0
+
 
 def batch_size(
     options: RunOptions,
@@ -538,16 +542,17 @@ def batch_size(
     ``cache_size``, unless the worker's commits, ``commit_s`` seconds each, would then take
     more than `COMMIT_SHARE` of its time, training a member taking ``stretch_s`` (running
     means; None before the first commit): then enough members that a batch's commit takes
-    that share. Cheap steps (a commit, durable on disk, costs more than training a member to
-    its next ready point) so share their commits among more members; members beyond the cache
-    are restored from their checkpoints, which adds to ``stretch_s``.
+    that share, as long as the batch trains for at most `BATCH_SECONDS`. Cheap steps (a
+    commit, durable on disk, costs more than training a member to its next ready point) so
+    share their commits among more members; members beyond the cache are restored from their
+    checkpoints, which adds to ``stretch_s``.
     """
     if options.claim_batch is not None:
         return options.claim_batch
     limit = options.cache_size
     if stretch_s and commit_s and stretch_s > 0:
         enough = math.ceil(commit_s * (1 - COMMIT_SHARE) / (COMMIT_SHARE * stretch_s))
-        limit = max(limit, enough)
+        limit = max(limit, min(enough, math.floor(BATCH_SECONDS / stretch_s)))
     return max(1, min(limit, (free + 1) // 2))
 
 
