@@ -700,6 +700,31 @@ def test_delete_refuses_a_run_a_live_worker_holds_unless_forced(tmp_path: Path) 
     assert not (tmp_path / "poptune-checkpoints" / "exp").exists()
 
 
+def test_delete_judges_a_remote_worker_by_the_runs_heartbeat_timeout(tmp_path: Path) -> None:
+    """A worker on another host, last heard 100 s ago, in a run whose workers record a 600 s
+    heartbeat timeout, is alive: the run is kept (the default 30 s would call it dead)."""
+    from dataclasses import replace
+
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    remote = "elsewhere.example:4242:4026531836:0123abcd"
+    store = pt_storage(f"sqlite:///{tmp_path / 'poptune.db'}")
+    with store, store.transaction("exp") as tx:
+        first = tx.members()[0]
+        tx.put_members([replace(first, owner=remote, heartbeat=time.time() - 100)])
+        tx.set_execution({**tx.run().execution, "heartbeat_timeout": 600.0})
+        tx.set_status("running")
+    line = assert_one_line_error(poptune("delete", "exp", "--yes", cwd=tmp_path))
+    assert f"member 0 is held by {remote}, heartbeat 100 s ago" in line
+    with (
+        pt_storage(f"sqlite:///{tmp_path / 'poptune.db'}") as store,
+        store.transaction("exp") as tx,
+    ):
+        tx.set_execution({**tx.run().execution, "heartbeat_timeout": 30.0})
+    proc = poptune("delete", "exp", "--yes", cwd=tmp_path)  # now presumed dead
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_delete_leaves_a_folder_without_the_runs_marker(tmp_path: Path) -> None:
     """A checkpoint folder that does not carry the run's marker is not removed, and it says so."""
     tiny(tmp_path / "exp.py")

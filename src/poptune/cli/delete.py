@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from poptune.cli._common import (
     CLIError,
@@ -36,8 +35,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
         info = _get_run(store, name)
         members = store.members(name)
         if info.status == "running" and not args.force:
-            now = time.time()
-            timeout = RunOptions().heartbeat_timeout
+            # Judged as the run's workers judge each other: on the storage's clock, by the
+            # heartbeat timeout the run records (workers on other hosts may use a long one).
+            now = store.now()
+            timeout = float(
+                info.execution.get("heartbeat_timeout") or RunOptions().heartbeat_timeout
+            )
             for row in members:
                 if owner_alive(row.owner, row.heartbeat, timeout, now):
                     ago = (
