@@ -142,6 +142,32 @@ def test_a_member_that_goes_back_in_steps_draws_a_branch_not_a_zigzag() -> None:
     assert [(r.member, r.start, r.end) for r in report.ancestry] == [(0, 0, 3), (1, 3, 6)]
 
 
+def test_a_copy_of_a_donor_that_reached_its_step_by_a_copy_starts_from_a_point() -> None:
+    # Member 1 copies member 0 at step 8 when it is at 4 (a donor ahead: it skips 5-8), then
+    # member 2 copies member 1 at step 8, where member 1 has no record of its own.
+    history = [HistoryRecord(0, s, {}, float(s)) for s in range(1, 9)]
+    history += [HistoryRecord(1, s, {}, s / 2) for s in range(1, 5)]
+    history += [HistoryRecord(2, s, {}, s / 3) for s in range(1, 9)]
+    history += [HistoryRecord(1, s, {}, float(s), segment=0) for s in (9, 10)]
+    history += [HistoryRecord(2, s, {}, s + 0.5, segment=1) for s in (9, 10)]
+    events = [
+        Event(0, member=1, step=4, donor=0, donor_step=8, old_hparams={}, new_hparams={}),
+        Event(1, member=2, step=8, donor=1, donor_step=8, old_hparams={}, new_hparams={}),
+    ]
+    result = Result(
+        name="r",
+        mode="max",
+        metric="score",
+        initial_hparams={m: {} for m in range(3)},
+        members=[MemberRecord(m, {}, 10 if m else 8, 10.0, "finished") for m in range(3)],
+        history=history,
+        events=events,
+    )
+    report = build_report(result)
+    origins = {st.member: st.origin for st in report.stretches if st.segment is not None}
+    assert origins == {1: (8, 8.0), 2: (8, 8.0)}  # both from member 0's point at step 8
+
+
 def test_large_population_stays_readable_and_light() -> None:
     population, steps = 64, 400
     history = [

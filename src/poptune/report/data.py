@@ -267,6 +267,27 @@ def _stretches(result: Result) -> list[Stretch]:
         found = [score for i, score in points.get((member, step), ()) if i < before]
         return (step, found[-1]) if found else None
 
+    # A member that copied a donor ahead of it reached the donor's step without training it:
+    # it has no point there, its donor's point stands for it.
+    copies: dict[int, list[Event]] = {}
+    for e in events:
+        if e.donor is not None and e.donor != e.member and e.donor_step is not None:
+            copies.setdefault(e.member, []).append(e)
+
+    def point_at(member: int, step: int, before: int, limit: int) -> tuple[int, float] | None:
+        """The member's point at ``step`` (records before position ``before``), else, if it
+        reached ``step`` by a copy (one of its events below index ``limit``), its donor's."""
+        for _ in range(len(events) + 1):  # each hop goes to an earlier event
+            found = point(member, step, before)
+            if found is not None:
+                return found
+            via = [e for e in copies.get(member, ()) if e.index < limit and e.donor_step == step]
+            if not via:
+                return None
+            assert via[-1].donor is not None
+            member, limit = via[-1].donor, via[-1].index
+        return None
+
     latest: dict[int, dict[int, float]] = {}  # step -> member -> its latest score there
     for r in history:
         latest.setdefault(r.step, {})[r.member] = r.score
@@ -296,7 +317,7 @@ def _stretches(result: Result) -> list[Stretch]:
                 and records[0].step == ev.donor_step + 1
             ):
                 source = ev.donor if ev.donor is not None else member
-                origin = point(source, ev.donor_step, positions[0])
+                origin = point_at(source, ev.donor_step, positions[0], ev.index)
                 if origin is None and ev.donor_step > 0:
                     origin = (ev.donor_step, math.nan)
             elif records[0].step > 1:
