@@ -219,3 +219,44 @@ def test_a_run_is_read_again_only_when_it_changed(
         store.update_run("done", status="interrupted")  # any change to the run
         assert 'data-status="interrupted"' in c.get("/runs/done/section").text
         assert reads == ["done", "done"]
+
+
+def test_a_run_slow_to_read_is_read_at_most_a_tenth_of_the_time(
+    stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report that takes 2 s to read (a large run) is served as it is for 18 s after, even
+    when the run changed, and its page is told that version, so it does not ask again; then
+    the run is read again. A dashboard left open takes at most a tenth of a core."""
+    pytest.importorskip("httpx2")
+    from starlette.testclient import TestClient
+
+    import poptune.report.data as data
+    from poptune.report.dashboard import create_app
+
+    now = [100.0]
+    reads: list[str] = []
+    real = data.read_report
+
+    def slow(store: Any, name: str, **kw: Any) -> Any:
+        reads.append(name)
+        now[0] += 2.0  # the read took 2 s
+        return real(store, name, **kw)
+
+    monkeypatch.setattr(data, "read_report", slow)
+    with (
+        open_storage(stored) as store,
+        TestClient(create_app(store, clock=lambda: now[0])) as c,
+    ):
+        first = c.get("/runs/done/section").text
+        version = c.get("/runs/done/version").text
+        assert f'data-version="{version}"' in first and reads == ["done"]
+        store.update_run("done", status="interrupted")
+        now[0] += 17.0
+        assert c.get("/runs/done/version").text == version  # the page keeps what it has
+        assert 'data-status="interrupted"' not in c.get("/runs/done/section").text
+        assert reads == ["done"]
+        now[0] += 1.5  # 18.5 s after the read ended
+        changed = c.get("/runs/done/version").text
+        assert changed != version
+        assert 'data-status="interrupted"' in c.get("/runs/done/section").text
+        assert reads == ["done", "done"]

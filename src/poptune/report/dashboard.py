@@ -9,7 +9,10 @@ Pages:
 * ``/``: every run, with status, progress and best score; the list refreshes itself.
 * ``/runs/RUN``: the run's report (`poptune.report.html.report_section`); a small inline
   script asks ``/runs/RUN/version`` every few seconds (a cheap read of the run's record and
-  members) and reloads the report from ``/runs/RUN/section`` when it changed.
+  members) and reloads the report from ``/runs/RUN/section`` when it changed. A run whose
+  report takes longer than `SLOW_READ` seconds to read (tens of thousands of results) is read
+  again at most `READ_SHARE` of the time, so that a dashboard left open does not take a core
+  from the training on the same machine: the page then shows a report some seconds old.
 * ``/runs/RUN/report.html``: the self-contained report file, as ``poptune report`` writes it.
 
 Nothing is fetched from the network by a page; the pages' script is inline.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from collections.abc import Callable
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +32,14 @@ from poptune.report.data import _digest
 from poptune.report.html import page, report_html, report_section
 
 if TYPE_CHECKING:
+    from poptune.report.data import Report
     from poptune.storage.base import Storage
+
+#: Seconds a report may take to read before the dashboard reads that run less often.
+SLOW_READ = 0.25
+
+#: The share of the time a dashboard spends reading a run whose reads are slow.
+READ_SHARE = 0.1
 
 __all__ = ["create_app", "serve"]
 
@@ -124,12 +136,28 @@ def _runs_section(store: Storage) -> str:
     )
 
 
-def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
+class _Cached:
+    """A run's report as last read, when, and how long the read took."""
+
+    def __init__(self, report: Report, done: float, took: float) -> None:
+        self.report, self.done, self.took = report, done, took
+
+    def fresh_until(self) -> float:
+        """Until when this report is served even if the run changed (see `READ_SHARE`)."""
+        if self.took <= SLOW_READ:
+            return self.done
+        return self.done + self.took * (1 - READ_SHARE) / READ_SHARE
+
+
+def create_app(
+    store: Storage, *, refresh: float = 2.0, clock: Callable[[], float] = time.monotonic
+) -> Any:
     """The dashboard's Starlette application over ``store`` (which the caller closes).
 
     Args:
         store: The storage whose runs it shows.
         refresh: Seconds between a page's checks for new results.
+        clock: Seconds on a monotonic clock (tests pass their own).
     """
     _dependencies()
     from starlette.applications import Starlette
@@ -137,22 +165,33 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
     from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from poptune.report.data import Report, read_report, run_version
+    from poptune.report import data
 
     # The last report read of each run, by its version: every open page asks every few
     # seconds, and reading a large run (64 members x 1000 steps) takes a second or two.
-    cache: dict[str, Report] = {}
+    cache: dict[str, _Cached] = {}
     lock = threading.Lock()
 
-    def report_of(name: str) -> Report:
-        version = run_version(store, name)
+    def shown(name: str) -> tuple[str, _Cached | None]:
+        """The version a page should show now, and the cached report if it is that one."""
+        version = data.run_version(store, name)
         with lock:
             cached = cache.get(name)
-        if cached is not None and cached.version == version:
-            return cached
-        report = read_report(store, name)
+        if cached is not None and (
+            cached.report.version == version or clock() < cached.fresh_until()
+        ):
+            return cached.report.version, cached
+        return version, None
+
+    def report_of(name: str) -> Report:
+        _, cached = shown(name)
+        if cached is not None:
+            return cached.report
+        began = clock()
+        report = data.read_report(store, name)
+        done = clock()
         with lock:
-            cache[name] = report
+            cache[name] = _Cached(report, done, done - began)
         return report
 
     def missing(name: str) -> Response:
@@ -204,7 +243,7 @@ def create_app(store: Storage, *, refresh: float = 2.0) -> Any:
 
     def version(request: Request) -> Response:
         name = request.path_params["name"]
-        return PlainTextResponse(run_version(store, name), status_code=200)
+        return PlainTextResponse(shown(name)[0], status_code=200)
 
     def run_file(request: Request) -> Response:
         name = request.path_params["name"]
