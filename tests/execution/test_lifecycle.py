@@ -26,7 +26,9 @@ def test_every_score_is_what_the_lineage_says(
 ) -> None:
     """On a deterministic member (x += a, score x), with a retried failure and a member that
     fails for good and is replaced: each member's next score after an exploit is the donor's
-    value at donor_step plus the new a, otherwise its own plus a; no step is trained twice."""
+    value at donor_step plus the new a, otherwise its own plus a; no step is trained twice.
+    (The failures are injected before the first ready point, at 5: a member that copies a
+    donor ahead of it skips steps, so a later failing step might never be trained.)"""
     env(
         noise=0,
         pop=5,
@@ -34,11 +36,17 @@ def test_every_score_is_what_the_lineage_says(
         interval=5,
         sync=int(synchronous),
         delay=0.002 if workers > 1 else 0,
-        fail=f"{member_seed(0, 1)}:7:once,{member_seed(0, 2)}:13:always",
+        fail=f"{member_seed(0, 1)}:2:once,{member_seed(0, 2)}:3:always",
     )
     url = f"sqlite:///{tmp_path}/runs.db"
     result = experiment().run(url, "r", workers=workers, source=SOURCE)
     assert result.member(2).status == "failed"
+    assert result.member(1).status == "finished"
+    with open_storage(url) as store:
+        failed = {(f.member, f.step) for f in store.failures("r")}
+    # Member 1's failure was retried; each is recorded at the step that raised, by every
+    # executor (the serial one recorded the step before).
+    assert (1, 2) in failed and (2, 3) in failed and len(failed) == 2
     check_complete(result, 40, 5)
     kinds = {e.kind for e in result.events}
     assert {"exploit", "replace"} <= kinds

@@ -180,12 +180,13 @@ class _SerialRun:
         """Trains the member one step; a failure takes the failure path until it succeeds or
         the member is replaced."""
         while self.pbt.members[mid].status == "running":
+            step: int | None = None  # the step being trained, once restoring succeeded
             try:
                 trainable = self._trainable(mid)
                 step = self._step_of(mid) + 1
                 row = self.life.step(trainable, mid, step, self.pbt.members[mid].segment)
             except Exception as exc:
-                self._failed(mid, exc)
+                self._failed(mid, exc, step)
                 continue
             self.pending.setdefault(mid, []).append(row)
             return
@@ -215,7 +216,9 @@ class _SerialRun:
             committed = self.life.commit(tx, self.pbt, trained, stored, keep_owner=True)
         self._after(committed)
 
-    def _failed(self, mid: int, exc: BaseException) -> None:
+    def _failed(self, mid: int, exc: BaseException, step: int | None = None) -> None:
+        """Takes the failure path for ``mid``; ``step``: the step whose training raised
+        (default: the member's step, for a failure restoring or checkpointing it)."""
         with committing(self.storage, self.name) as tx:
             stored = {r.id: r for r in tx.members()}
             outcome, committed = self.life.record_failure(
@@ -226,7 +229,7 @@ class _SerialRun:
                 stored,
                 keep_owner=True,
                 results=self.pending.get(mid, []),
-                step=self._step_of(mid),
+                step=self._step_of(mid) if step is None else step,
             )
         held = self.live.pop(mid, None)
         if held is not None:
