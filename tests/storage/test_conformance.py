@@ -722,6 +722,28 @@ def test_checkpoint_ids_increase_and_rows_round_trip(storage: Storage) -> None:
     assert storage.checkpoints(RUN) == added
 
 
+def test_add_checkpoints_records_several_in_order(storage: Storage) -> None:
+    """add_checkpoints is add_checkpoint for each row, in order, in one call: ids grow, and
+    a transaction that fails records none of them."""
+    storage.create_run(RUN, {}, "fp")
+    with storage.transaction(RUN) as tx:
+        first = tx.add_checkpoint(4, 1, "before", 7)
+        tx.add_checkpoints([(2, 5, "x", 10), (0, 5, "y", 0), (2, 6, "z", 5 * 2**30)])
+        tx.add_checkpoints([])
+    with pytest.raises(Boom), storage.transaction(RUN) as tx:
+        tx.add_checkpoints([(1, 9, "lost", 1)])
+        raise Boom
+    rows = storage.checkpoints(RUN)
+    assert rows[0] == first
+    assert [(c.member, c.step, c.location, c.size) for c in rows[1:]] == [
+        (2, 5, "x", 10),
+        (0, 5, "y", 0),
+        (2, 6, "z", 5 * 2**30),
+    ]
+    ids = [c.id for c in rows]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+
+
 def test_delete_checkpoints_removes_only_given_locations(storage: Storage) -> None:
     """delete_checkpoints forgets exactly the named rows; unknown names are ignored."""
     storage.create_run(RUN, {}, "fp")

@@ -375,7 +375,6 @@ class Lifecycle:
             for r in t.results:
                 pbt.report(t.member, r.step, r.score)
             results.extend(t.results)
-            tx.add_checkpoint(t.member, t.step, t.location, t.size)
             refs[t.member] = (t.location, t.step)
             changes[t.member] = {
                 "checkpoint": t.location,
@@ -384,6 +383,7 @@ class Lifecycle:
                 "owner": self.worker if keep_owner else None,
                 "heartbeat": t_now if keep_owner else None,
             }
+        tx.add_checkpoints([(t.member, t.step, t.location, t.size) for t in trained])
         batches: list[list[Decision]] = []
         for t in sorted(trained, key=lambda t: t.member):
             m = pbt.members[t.member]

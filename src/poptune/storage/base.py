@@ -237,6 +237,13 @@ class Transaction(abc.ABC):
     def add_checkpoint(self, member: int, step: int, location: str, size: int) -> CheckpointRow:
         """Records a checkpoint file that has been completely written."""
 
+    def add_checkpoints(self, rows: Sequence[tuple[int, int, str, int]]) -> None:
+        """Records several completely written checkpoint files, ``(member, step, location,
+        size)`` each, in this order: as `add_checkpoint` would one by one (ids growing), which
+        a backend may do in one statement (a commit records one per member of its batch)."""
+        for member, step, location, size in rows:
+            self.add_checkpoint(member, step, location, size)
+
     @abc.abstractmethod
     def checkpoints(
         self, members: Collection[int] | None = None, locations: Collection[str] = ()

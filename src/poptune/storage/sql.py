@@ -384,6 +384,24 @@ class _SQLTransaction(Transaction):
         assert pk is not None
         return CheckpointRow(int(pk[0]), member, step, location, size, now)
 
+    def add_checkpoints(self, rows: Sequence[tuple[int, int, str, int]]) -> None:
+        if rows:
+            now = time.time()
+            self._conn.execute(
+                sa.insert(checkpoints_table),
+                [
+                    {
+                        "run_id": self._run_id,
+                        "member": member,
+                        "step": step,
+                        "location": location,
+                        "size": size,
+                        "created": now,
+                    }
+                    for member, step, location, size in rows
+                ],
+            )
+
     def checkpoints(
         self, members: Collection[int] | None = None, locations: Collection[str] = ()
     ) -> list[CheckpointRow]:
