@@ -218,9 +218,10 @@ def measure(
             raise RuntimeError(f"a worker failed: exit codes {[p.exitcode for p in procs]}")
         reports = [json.loads(Path(o).read_text()) for o in outs]
         pairs = [(t, c) for r in reports for t, c in zip(r["times"], r["commits"], strict=True)]
-        inside = [c for t, c in pairs if began <= t <= ended]
+        window = [(t, c) for t, c in pairs if began <= t <= ended]  # one per member committed
+        inside = [c for _, c in window]
         # The stretches of one commit share its end time and its duration.
-        commits = sorted(c for t, c in {(t, c) for t, c in pairs if began <= t <= ended})
+        commits = sorted(c for _, c in set(window))
         with open_storage(url) as store:
             history = store.results("scale")
         repeats = sum(n - 1 for n in Counter((h.member, h.step) for h in history).values())

@@ -435,7 +435,8 @@ class Worker:
                 claimed = self._pick(tx, info.status, committed.rows)
         seconds = time.perf_counter() - began
         self._commit_s = _mean(self._commit_s, seconds)
-        lost = [t for t in trained if t not in owned]
+        kept = {t.member for t in owned}
+        lost = [t for t in trained if t.member not in kept]
         self.report.dropped += len(lost)
         self._drop(lost)
         if committed is None:

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -136,11 +137,13 @@ def _runs_section(store: Storage) -> str:
     )
 
 
+@dataclass(frozen=True)
 class _Cached:
     """A run's report as last read, when, and how long the read took."""
 
-    def __init__(self, report: Report, done: float, took: float) -> None:
-        self.report, self.done, self.took = report, done, took
+    report: Report
+    done: float
+    took: float
 
     def fresh_until(self) -> float:
         """Until when this report is served even if the run changed (see `READ_SHARE`)."""

@@ -368,18 +368,21 @@ class _SQLTransaction(Transaction):
         if top > self._events:
             self._events = self._run_values["event_count"] = top
 
+    def _checkpoint_values(self, row: tuple[int, int, str, int], now: float) -> dict[str, Any]:
+        member, step, location, size = row
+        return {
+            "run_id": self._run_id,
+            "member": member,
+            "step": step,
+            "location": location,
+            "size": size,
+            "created": now,
+        }
+
     def add_checkpoint(self, member: int, step: int, location: str, size: int) -> CheckpointRow:
         now = time.time()
-        res = self._conn.execute(
-            sa.insert(checkpoints_table).values(
-                run_id=self._run_id,
-                member=member,
-                step=step,
-                location=location,
-                size=size,
-                created=now,
-            )
-        )
+        values = self._checkpoint_values((member, step, location, size), now)
+        res = self._conn.execute(sa.insert(checkpoints_table).values(**values))
         pk = res.inserted_primary_key
         assert pk is not None
         return CheckpointRow(int(pk[0]), member, step, location, size, now)
@@ -387,20 +390,8 @@ class _SQLTransaction(Transaction):
     def add_checkpoints(self, rows: Sequence[tuple[int, int, str, int]]) -> None:
         if rows:
             now = time.time()
-            self._conn.execute(
-                sa.insert(checkpoints_table),
-                [
-                    {
-                        "run_id": self._run_id,
-                        "member": member,
-                        "step": step,
-                        "location": location,
-                        "size": size,
-                        "created": now,
-                    }
-                    for member, step, location, size in rows
-                ],
-            )
+            values = [self._checkpoint_values(row, now) for row in rows]
+            self._conn.execute(sa.insert(checkpoints_table), values)
 
     def checkpoints(
         self, members: Collection[int] | None = None, locations: Collection[str] = ()
