@@ -23,11 +23,15 @@ import poptune
 from poptune.storage.checkpoints import (
     CheckpointRef,
     CheckpointStore,
+    DamagedCheckpoint,
+    MissingCheckpoint,
+    UnsafeCheckpoint,
     check_run_name,
+    checkpoint_owner,
     select_for_deletion,
 )
 
-LOCATION = re.compile(r"[a-z0-9_.-]+/member-\d{5}/step-\d{9}-[0-9a-f]{12}\.ckpt")
+LOCATION = re.compile(r"[a-z0-9_.-]+/member-\d{5}/step-\d{9}-[0-9a-f]{12}-[0-9a-f]{32}\.ckpt")
 
 
 def final_files(root: pathlib.Path) -> list[pathlib.Path]:
@@ -181,7 +185,7 @@ def test_check_run_name_accepts_safe_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["../x", "a/b", "", ".hidden", ".", "..", "x" * 201, "a\\b", "run\n", "ü", "a b"]
+    "name", ["../x", "a/b", "", ".hidden", ".", "..", "x" * 201, "a\\b", "run\n", "ü", "a b", "-rf", "--storage"]
 )
 def test_check_run_name_rejects_unsafe_names(name: str) -> None:
     """Names with separators, a leading dot, no characters or too many are refused."""
@@ -507,3 +511,194 @@ def test_select_for_deletion_properties(
         newest.update(r.location for r in mine[:keep_last])
     expected = [r.location for r in checkpoints if r.location not in newest | protected]
     assert doomed == expected
+
+
+# --- integrity: every load verifies the checksum the file's name records ---------------------
+
+
+def _saved(tmp_path: pathlib.Path, state: object) -> tuple[CheckpointStore, str, pathlib.Path]:
+    store = CheckpointStore(tmp_path)
+    location = store.save("run", member=2, step=8, state=state).location
+    return store, location, tmp_path / location
+
+
+def test_a_truncated_file_is_refused_as_damaged(tmp_path: pathlib.Path) -> None:
+    store, location, path = _saved(tmp_path, {"w": np.arange(100.0)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(DamagedCheckpoint, match="truncated, changed or replaced") as caught:
+        store.load(location)
+    assert caught.value.location == location
+
+
+def test_one_flipped_bit_in_a_weight_is_refused_not_loaded_as_another_value(
+    tmp_path: pathlib.Path,
+) -> None:
+    """3.0 came back as 196608.0 before checksums: a bit flip in a float's exponent."""
+    store, location, path = _saved(tmp_path, {"w": np.array([3.0], dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    at = data.index(np.array([3.0], dtype=np.float32).tobytes())
+    data[at + 2] ^= 0x80  # flips the low bit of the exponent: 3.0 becomes another number
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(DamagedCheckpoint):
+        store.load(location)
+
+
+def test_a_missing_file_is_a_missing_checkpoint_and_a_file_not_found_error(
+    tmp_path: pathlib.Path,
+) -> None:
+    store, location, path = _saved(tmp_path, {"w": 1})
+    path.unlink()
+
+    with pytest.raises(MissingCheckpoint) as caught:
+        store.load(location)
+    assert isinstance(caught.value, FileNotFoundError)
+    assert isinstance(caught.value, DamagedCheckpoint)
+
+
+def test_a_file_replaced_by_another_valid_checkpoint_is_refused(tmp_path: pathlib.Path) -> None:
+    """The checksum belongs to the location: another member's good file put there fails it."""
+    store, location, path = _saved(tmp_path, {"w": 1})
+    other = store.save("run", member=3, step=8, state={"w": 2}).location
+    path.write_bytes((tmp_path / other).read_bytes())
+
+    with pytest.raises(DamagedCheckpoint):
+        store.load(location)
+    assert store.load(other) == {"w": 2}
+
+
+def test_damage_is_detected_in_torch_files_too(tmp_path: pathlib.Path) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    store, location, path = _saved(tmp_path, {"model": torch.nn.Linear(3, 2).state_dict()})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(DamagedCheckpoint):
+        store.load(location)
+
+
+def test_a_file_written_before_checksums_still_loads(tmp_path: pathlib.Path) -> None:
+    """Runs started by an earlier poptune name their files without a checksum."""
+    store, location, path = _saved(tmp_path, {"w": [1.0]})
+    legacy = path.with_name(re.sub(r"-[0-9a-f]{32}\.ckpt$", ".ckpt", path.name))
+    path.rename(legacy)
+
+    assert store.load(str(legacy.relative_to(tmp_path))) == {"w": [1.0]}
+
+
+def test_checkpoint_owner_reads_the_member_folder() -> None:
+    assert checkpoint_owner("r/member-00012/step-000000004-0123456789ab.ckpt") == 12
+    assert checkpoint_owner("nowhere.ckpt") is None
+
+
+# --- safe loading: plain data and tensors only, unless the run opts in ------------------------
+
+
+class Planted:
+    """Unpickling this runs code: it touches the file named in its argument."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def _plant(tmp_path: pathlib.Path, payload: bytes) -> tuple[CheckpointStore, str]:
+    """Writes ``payload`` as a checkpoint with a correct header and checksum (an attacker who
+    can write the folder can compute a checksum too)."""
+    import hashlib
+
+    folder = tmp_path / "run" / "member-00000"
+    folder.mkdir(parents=True)
+    digest = hashlib.sha256(payload).hexdigest()[:32]
+    name = f"step-000000004-{uuid.uuid4().hex[:12]}-{digest}.ckpt"
+    (folder / name).write_bytes(payload)
+    return CheckpointStore(tmp_path), f"run/member-00000/{name}"
+
+
+def test_a_planted_pickle_runs_no_code_and_the_error_names_the_opt_in(
+    tmp_path: pathlib.Path,
+) -> None:
+    victim = tmp_path / "code-ran"
+    store, location = _plant(tmp_path, b"POPTUNE1P" + pickle.dumps({"w": Planted(str(victim))}))
+
+    with pytest.raises(UnsafeCheckpoint, match=r"allow_pickle=True"):
+        store.load(location)
+    assert not victim.exists()
+
+
+def test_a_planted_torch_file_runs_no_code(tmp_path: pathlib.Path) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import io
+
+    victim = tmp_path / "code-ran"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "x": Planted(str(victim))}, buffer)
+    store, location = _plant(tmp_path, b"POPTUNE1T" + buffer.getvalue())
+
+    with pytest.raises(UnsafeCheckpoint, match=r"allow_pickle=True"):
+        store.load(location)
+    assert not victim.exists()
+
+
+def test_allow_pickle_is_the_explicit_opt_in_for_arbitrary_objects(
+    tmp_path: pathlib.Path,
+) -> None:
+    victim = tmp_path / "code-ran"
+    _, location = _plant(tmp_path, b"POPTUNE1P" + pickle.dumps({"w": Planted(str(victim))}))
+
+    CheckpointStore(tmp_path, allow_pickle=True).load(location)
+
+    assert victim.exists()
+
+
+def test_safe_loading_reads_numpy_generators_and_standard_values(tmp_path: pathlib.Path) -> None:
+    import collections
+    import datetime
+    import random
+
+    rng = np.random.default_rng(3)
+    state = {
+        "rng": rng,
+        "py": random.Random(5),
+        "order": collections.OrderedDict(a=np.float64(1.5), b=np.int64(2)),
+        "when": datetime.timedelta(seconds=3),
+        "arrays": [np.zeros((2, 2), dtype=np.float16), np.array(["a", 1], dtype=object)],
+        "mixed": {1, 2.5, "x", b"y", None, True, (1, 2), complex(1, 2), frozenset({1})},
+    }
+    store, location, _ = _saved(tmp_path, state)
+
+    loaded = store.load(location)
+
+    assert loaded["rng"].random() == rng.random()
+    assert loaded["py"].random() == random.Random(5).random()
+    assert loaded["order"] == state["order"] and loaded["when"] == state["when"]
+    np.testing.assert_array_equal(loaded["arrays"][0], state["arrays"][0])
+    assert list(loaded["arrays"][1]) == ["a", 1] and loaded["mixed"] == state["mixed"]
+
+
+def test_a_state_safe_loading_refuses_fails_at_its_first_save_and_leaves_no_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+
+    with pytest.raises(UnsafeCheckpoint, match="member 1 at step 4.*allow_pickle"):
+        store.save("run", member=1, step=4, state={"obj": Planted(str(tmp_path / "x"))})
+    assert final_files(tmp_path) == [] and temporary_files(tmp_path) == []
+    assert not (tmp_path / "x").exists()
+
+
+def test_torch_state_with_numpy_inside_loads_safely(tmp_path: pathlib.Path) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    state = {"w": torch.ones(2), "np": np.arange(3), "rng": np.random.default_rng(1)}
+    store, location, _ = _saved(tmp_path, state)
+
+    loaded = store.load(location)
+
+    assert torch.equal(loaded["w"], state["w"])
+    np.testing.assert_array_equal(loaded["np"], state["np"])
+    assert loaded["rng"].random() == np.random.default_rng(1).random()

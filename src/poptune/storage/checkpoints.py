@@ -1,14 +1,29 @@
-"""Checkpoint files for the members of PBT runs: atomic writes, confined reads, pure retention.
+"""Checkpoint files for the members of PBT runs: atomic, verified, confined and safe to load.
 
 A `CheckpointStore` keeps each saved member state in its own file,
-``<root>/<run>/member-00003/step-000000120-<12 hex>.ckpt``, and names it by that *location*
-relative to ``root``. A save writes a ``.tmp-`` file in the same directory, flushes and fsyncs
-it, and renames it to its final name, so a reader (or a resumed run) never sees a half-written
-checkpoint: a crash or ``SIGKILL`` at any point leaves either the complete new file or none,
-plus at worst a temporary file that `CheckpointStore.cleanup_temporary` removes.
+``<root>/<run>/member-00003/step-000000120-<12 hex>-<32 hex>.ckpt``, and names it by that
+*location* relative to ``root``. A save writes a ``.tmp-`` file in the same directory, flushes
+and fsyncs it, and renames it to its final name, so a reader (or a resumed run) never sees a
+half-written checkpoint: a crash or ``SIGKILL`` at any point leaves either the complete new file
+or none, plus at worst a temporary file that `CheckpointStore.cleanup_temporary` removes.
 
-Each file starts with a 9-byte header (``b"POPTUNE1"`` and one format byte): states holding
-torch objects are written with ``torch.save``, everything else with ``pickle`` (protocol 5).
+**Integrity.** The last 32 hex digits of the name are the SHA-256 of the file's bytes
+(truncated to 128 bits), computed while it is written. The location is what every record of
+the run refers to (the member rows, the checkpoint rows), so the checksum is recorded with each
+of them, and `CheckpointStore.load` verifies it before it reads anything from the file: a
+truncated, bit-flipped or replaced file raises `DamagedCheckpoint`, a missing one
+`MissingCheckpoint`. (Files written before checksums, without the digest in their name, load
+unverified.)
+
+**Safe loading.** Each file starts with a 9-byte header (``b"POPTUNE1"`` and one format byte):
+states holding torch objects are written with ``torch.save``, everything else with ``pickle``
+(protocol 5). Loading admits only tensors and plain data by default: ``torch.load`` with
+``weights_only=True``, and for pickles an unpickler that only builds numbers, strings, bytes,
+containers, numpy arrays and scalars, random-generator states and a few standard value types.
+A file naming anything else raises `UnsafeCheckpoint` and runs no code. Loading arbitrary
+objects (a state holding instances of your own classes) is an explicit opt-in,
+``Experiment(allow_pickle=True)``, recorded with the run: then a file can run any code it
+names when loaded, so only do it when every file under the root is trusted.
 
 `select_for_deletion` decides which checkpoints a retention policy may delete. It does no I/O;
 the caller deletes what it returns with `CheckpointStore.delete`.
@@ -18,15 +33,14 @@ the caller deletes what it returns with `CheckpointStore.delete`.
     >>> info = store.save("demo", member=0, step=10, state={"w": [1.0, 2.0]})
     >>> info.format, store.load(info.location)
     ('pickle', {'w': [1.0, 2.0]})
-
-Loading unpickles the file (or runs ``torch.load`` with ``weights_only=False``), which can run
-code that the file names. That is safe only because a store loads nothing but the files under
-its own root, which it wrote: keep that directory writable by trusted users only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import io
 import operator
 import os
@@ -44,7 +58,11 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointRef",
     "CheckpointStore",
+    "DamagedCheckpoint",
+    "MissingCheckpoint",
+    "UnsafeCheckpoint",
     "check_run_name",
+    "checkpoint_owner",
     "select_for_deletion",
 ]
 
@@ -55,14 +73,72 @@ _FORMAT_BYTES: dict[Format, bytes] = {"pickle": b"P", "torch": b"T"}
 _FORMATS: dict[bytes, Format] = {v: k for k, v in _FORMAT_BYTES.items()}
 _HEADER_SIZE = len(_MAGIC) + 1
 _TMP_PREFIX = ".tmp-"
-_RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}", re.ASCII)
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}", re.ASCII)
+#: Hex digits of the SHA-256 a checkpoint's name records (128 bits).
+_DIGEST_HEX = 32
+_FILE_NAME = re.compile(r"step-(\d{9})-([0-9a-f]{12})(?:-([0-9a-f]{32}))?\.ckpt")
+_MEMBER_DIR = re.compile(r"member-(\d{5})")
+_CHUNK = 1 << 20
+_OPT_IN = (
+    "poptune loads only tensors and plain data by default (numbers, strings, containers, "
+    "numpy arrays, random-generator states), so that a planted file cannot run code. If every "
+    "file under the run's checkpoint root is yours, set Experiment(..., allow_pickle=True), "
+    "which is recorded with the run; or keep only such data in state_dict()."
+)
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that must not be used: its bytes differ from the checksum its name
+    records (truncated, changed or replaced after it was written), or it is not a checkpoint
+    `CheckpointStore` wrote, or its payload cannot be read.
+
+    Attributes:
+        location: The checkpoint's location.
+        reason: What is wrong with it, in a few words.
+    """
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"Checkpoint {location!r} cannot be used: {reason}.")
+        self.location = location
+        self.reason = reason
+
+    def __reduce__(self) -> Any:  # keeps location and reason across processes
+        return (type(self), (self.location, self.reason))
+
+
+class MissingCheckpoint(DamagedCheckpoint, FileNotFoundError):
+    """No checkpoint file is at a location a record refers to."""
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint names an object that safe loading does not build (see the module docstring):
+    nothing in it was run. The message names the object and the opt-in."""
+
+
+def checkpoint_owner(location: str) -> int | None:
+    """The member whose state a location holds (its ``member-NNNNN`` folder), if it has one.
+
+    Example:
+        >>> checkpoint_owner("run/member-00003/step-000000120-0123456789ab.ckpt")
+        3
+    """
+    parts = location.split("/")
+    found = _MEMBER_DIR.fullmatch(parts[-2]) if len(parts) >= 2 else None
+    return int(found.group(1)) if found else None
+
+
+def _recorded_digest(location: str) -> str | None:
+    """The checksum a location's file name records; None for a file written before them."""
+    found = _FILE_NAME.fullmatch(location.rsplit("/", 1)[-1])
+    return found.group(3) if found else None
 
 
 def check_run_name(name: str) -> str:
     """Returns ``name`` if it is a safe run name, which cannot leave the checkpoint directory.
 
     A run name is 1-200 ASCII letters, digits, ``-``, ``_`` or ``.``, and does not start with
-    ``.`` (so it is never ``.``, ``..`` or hidden, and never holds a path separator).
+    ``.`` or ``-`` (so it is never ``.``, ``..`` or hidden, never holds a path separator, and
+    is never taken for an option in a printed command such as ``poptune resume NAME``).
 
     Raises:
         ValueError: ``name`` is not a safe run name.
@@ -70,7 +146,7 @@ def check_run_name(name: str) -> str:
     if not isinstance(name, str) or _RUN_NAME.fullmatch(name) is None:
         raise ValueError(
             "Run name must be 1-200 characters of letters, digits, '-', '_' or '.', not "
-            f"starting with '.'; got {name!r}."
+            f"starting with '.' or '-'; got {name!r}."
         )
     return name
 
@@ -171,39 +247,91 @@ class _TorchSpotter(pickle.Pickler):
         return NotImplemented
 
 
-def _dump_pickle(f: IO[bytes], state: object) -> bool:
-    """Writes the header and pickle of ``state``; False (stopping early) if it holds torch objects.
+class _Digest:
+    """A writable file that hashes what is written to it.
 
-    A state can only hold torch objects if torch has been imported, so torch is never imported
-    here, and without it the plain (C) pickler does the work.
+    Writers only append (pickle, ``torch.save``); one that seeks elsewhere or truncates makes
+    the running hash void, and the file is then hashed again once written (`_file_digest`).
     """
-    f.write(_MAGIC + _FORMAT_BYTES["pickle"])
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._hash = hashlib.sha256()
+        self.exact = True
+
+    def write(self, data: Any) -> int:
+        self._hash.update(data)
+        return self._f.write(data)
+
+    def restart(self) -> None:
+        """Empties the file and the hash (a pickle abandoned for ``torch.save``)."""
+        self._f.seek(0)
+        self._f.truncate()
+        self._hash = hashlib.sha256()
+        self.exact = True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._f.seek(offset, whence)
+        if position != self._end():
+            self.exact = False
+        return position
+
+    def truncate(self, size: int | None = None) -> int:
+        self.exact = False
+        return self._f.truncate(size)
+
+    def _end(self) -> int:
+        here = self._f.tell()
+        end = self._f.seek(0, os.SEEK_END)
+        self._f.seek(here)
+        return end
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:_DIGEST_HEX]
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, name...
+        return getattr(self._f, name)
+
+
+def _file_digest(f: IO[bytes]) -> str:
+    """The checksum of a whole open file, read from its start."""
+    f.seek(0)
+    digest = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()[:_DIGEST_HEX]
+
+
+def _dump(out: _Digest, state: object) -> Format:
+    """Writes the header and payload of ``state``: a pickle, or ``torch.save`` if it holds
+    torch objects (a state can only hold them if torch was imported, so torch is never
+    imported here, and without it the plain C pickler does the work)."""
+    out.write(_MAGIC + _FORMAT_BYTES["pickle"])
     torch = sys.modules.get("torch")
     tensor_type = getattr(torch, "Tensor", None)
     if not isinstance(tensor_type, type):
-        pickle.dump(state, f, protocol=5)
-        return True
+        pickle.dump(state, cast(IO[bytes], out), protocol=5)
+        return "pickle"
     try:
-        _TorchSpotter(f, tensor_type).dump(state)
+        _TorchSpotter(cast(IO[bytes], out), tensor_type).dump(state)
+        return "pickle"
     except _HoldsTorch:
-        return False
-    return True
-
-
-def _dump_torch(f: IO[bytes], state: object) -> None:
+        out.restart()
     import torch
 
-    f.write(_MAGIC + _FORMAT_BYTES["torch"])
-    torch.save(state, f)
+    out.write(_MAGIC + _FORMAT_BYTES["torch"])
+    torch.save(state, cast(IO[bytes], out))
+    return "torch"
 
 
 def _read_format(f: IO[bytes], where: str) -> Format:
     header = f.read(_HEADER_SIZE)
     fmt = _FORMATS.get(header[-1:]) if header[:-1] == _MAGIC else None
     if fmt is None:
-        raise ValueError(
-            f"A checkpoint must start with {_MAGIC!r} and a format byte, but {where} starts "
-            f"with {header!r}: it was not written by CheckpointStore."
+        raise DamagedCheckpoint(
+            where,
+            f"it must start with {_MAGIC!r} and a format byte, but starts with {header!r}: it "
+            "was not written by CheckpointStore",
         )
     return fmt
 
@@ -243,9 +371,78 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _load_payload(f: IO[bytes], fmt: Format) -> object:
+# What safe loading builds from a pickle: plain values, numpy arrays and scalars, random
+# generators' states. Each is a value type whose construction runs no code named by the file.
+_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
+_SAFE_GLOBALS = frozenset(
+    [
+        *(
+            ("builtins", n)
+            for n in (
+                "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int",
+                "list", "range", "set", "slice", "str", "tuple",
+            )
+        ),
+        ("_codecs", "encode"),
+        ("copyreg", "_reconstructor"),
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("collections", "deque"),
+        ("datetime", "date"),
+        ("datetime", "datetime"),
+        ("datetime", "time"),
+        ("datetime", "timedelta"),
+        ("datetime", "timezone"),
+        ("random", "Random"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        *((m, n) for m in _NUMPY_CORE for n in ("_reconstruct", "scalar")),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.random._pickle", "__generator_ctor"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random.bit_generator", "SeedSequence"),
+        ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+        ("numpy.random._pcg64", "PCG64"),
+        ("numpy.random._pcg64", "PCG64DXSM"),
+        ("numpy.random._mt19937", "MT19937"),
+        ("numpy.random._philox", "Philox"),
+        ("numpy.random._sfc64", "SFC64"),
+    ]
+)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what `_SAFE_GLOBALS` names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafeCheckpoint(f"the checkpoint names {module}.{name}, which {_OPT_IN}")
+        return super().find_class(module, name)
+
+
+@functools.lru_cache(maxsize=1)
+def _safe_torch_globals() -> list[Any]:
+    """The numpy objects `_SAFE_GLOBALS` admits, for ``torch.load(weights_only=True)``."""
+    import importlib
+
+    modern = importlib.util.find_spec("numpy._core") is not None
+    found = []
+    for module, name in sorted(_SAFE_GLOBALS):
+        if not module.startswith("numpy") or (modern and module.startswith("numpy.core")):
+            continue  # torch's own list has the plain types; numpy.core is numpy._core's alias
+        with contextlib.suppress(Exception):
+            found.append(getattr(importlib.import_module(module), name))
+    import numpy as np
+
+    found += [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDGSUV"]
+    return found
+
+
+def _load_payload(f: IO[bytes], fmt: Format, allow_pickle: bool) -> object:
     if fmt == "pickle":
-        return pickle.load(f)
+        return (pickle.Unpickler(f) if allow_pickle else _SafeUnpickler(f)).load()
     try:
         import torch
     except ImportError as e:
@@ -254,17 +451,17 @@ def _load_payload(f: IO[bytes], fmt: Format) -> object:
             "pip install 'poptune[torch]'."
         ) from e
     map_location = None if torch.cuda.is_available() else "cpu"
-    # weights_only=True where the state allows (tensors, plain containers and numbers: what
-    # poptune.torch writes); else the full unpickler, since user states may hold other objects
-    # and a store only loads the files under its own root, which it wrote (module docstring).
-    start = f.tell()
+    window = cast(IO[bytes], _Window(f))
+    if allow_pickle:
+        return torch.load(window, map_location=map_location, weights_only=False)
     try:
-        return torch.load(cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        f.seek(start)
-        return torch.load(
-            cast(IO[bytes], _Window(f)), map_location=map_location, weights_only=False
-        )
+        with torch.serialization.safe_globals(_safe_torch_globals()):
+            return torch.load(window, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(
+            f"torch.load(weights_only=True) refused the checkpoint ({first}); {_OPT_IN}"
+        ) from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -302,14 +499,22 @@ class CheckpointStore:
         fsync: Whether a save fsyncs the file and its directory before returning, so the
             checkpoint survives a power loss or OS crash, not only a crash of the process.
             Local directories only; fsspec file systems are as durable as their ``close``.
+        allow_pickle: Load arbitrary pickled objects (see the module docstring): only for a
+            root whose every file is trusted. False (the default): tensors and plain data
+            only, and the store's first save is loaded back at once, so that a state safe
+            loading would refuse fails on its first checkpoint, not at its first restore.
 
     Raises:
         ImportError: ``root`` is a URL and fsspec is not installed.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, fsync: bool = True, allow_pickle: bool = False
+    ) -> None:
         self._url = os.fspath(root)
         self._fsync = fsync
+        self.allow_pickle = bool(allow_pickle)
+        self._checked = self.allow_pickle  # whether a saved state was loaded back safely
         self._fs: Any = None
         self._dirs: set[str] = set()  # directories known to exist
         local = _local_root(self._url)
@@ -333,7 +538,8 @@ class CheckpointStore:
         return self._url
 
     def __repr__(self) -> str:
-        return f"CheckpointStore({self._url!r}, fsync={self._fsync})"
+        extra = ", allow_pickle=True" if self.allow_pickle else ""
+        return f"CheckpointStore({self._url!r}, fsync={self._fsync}{extra})"
 
     def save(self, run: str, member: int, step: int, state: object) -> CheckpointInfo:
         """Writes ``state`` as a new checkpoint of ``member`` at ``step`` in ``run``.
@@ -346,39 +552,81 @@ class CheckpointStore:
                 state dicts of modules and optimizers), else with pickle.
 
         Returns:
-            Where the checkpoint is, its size and its format.
+            Where the checkpoint is (its name records the file's checksum), its size and its
+            format.
 
         Raises:
             ValueError: ``run`` is not a safe run name, or ``member`` or ``step`` is negative.
+            UnsafeCheckpoint: The store's first state holds objects safe loading refuses
+                (unless ``allow_pickle``); nothing is kept.
+            OSError: The file could not be written (a full disk, say); nothing is kept.
         """
         check_run_name(run)
         member = _non_negative("member", member)
         step = _non_negative("step", step)
         directory = f"{run}/member-{member:05d}"
-        name = f"step-{step:09d}-{uuid.uuid4().hex[:12]}.ckpt"
-        location = f"{directory}/{name}"
+        stem = f"step-{step:09d}-{uuid.uuid4().hex[:12]}"
         if self._fs is None:
-            size, fmt = self._save_local(directory, name, state)
+            name, size, fmt = self._save_local(directory, stem, state)
         else:
-            size, fmt = self._save_fsspec(directory, name, state)
-        return CheckpointInfo(location=location, size=size, format=fmt)
+            name, size, fmt = self._save_fsspec(directory, stem, state)
+        info = CheckpointInfo(location=f"{directory}/{name}", size=size, format=fmt)
+        if not self._checked:
+            try:
+                self.load(info.location)
+            except UnsafeCheckpoint as e:
+                self.delete(info.location)
+                raise UnsafeCheckpoint(
+                    f"A state_dict() of member {member} at step {step} holds objects that "
+                    f"safe loading refuses: {e}"
+                ) from None
+            self._checked = True
+        return info
 
     def load(self, location: str) -> object:
-        """Reads the checkpoint at ``location``, a location that `save` returned.
+        """Reads the checkpoint at ``location``, a location that `save` returned, once its
+        bytes match the checksum its name records.
 
         Tensors are mapped to the CPU when CUDA is not available.
 
         Raises:
-            ValueError: ``location`` is outside this store's root, or the file is not a
-                checkpoint written by `save`.
-            FileNotFoundError: No checkpoint is there.
+            ValueError: ``location`` is outside this store's root.
+            MissingCheckpoint: No checkpoint is there (also a `FileNotFoundError`).
+            DamagedCheckpoint: The file fails its checksum, or is not a checkpoint `save`
+                wrote, or its payload cannot be read. Nothing of it was unpickled.
+            UnsafeCheckpoint: It names objects that safe loading does not build (the store
+                was not opened with ``allow_pickle``); nothing was run.
         """
-        if self._fs is None:
-            path = self._local_path(location)
-            with open(path, "rb") as f:
-                return _load_payload(f, _read_format(f, repr(location)))
-        with self._fs.open(self._remote_path(location), "rb") as f:
-            return _load_payload(f, _read_format(f, repr(location)))
+        try:
+            if self._fs is None:
+                f = open(self._local_path(location), "rb")  # noqa: SIM115 (closed below)
+            else:
+                f = self._fs.open(self._remote_path(location), "rb")
+        except FileNotFoundError:
+            raise MissingCheckpoint(location, "the file does not exist") from None
+        with f:
+            return self._read(f, location)
+
+    def _read(self, f: IO[bytes], location: str) -> object:
+        expected = _recorded_digest(location)
+        if expected is not None:
+            actual = _file_digest(f)
+            if actual != expected:
+                raise DamagedCheckpoint(
+                    location,
+                    f"its bytes hash to {actual}, but its name records {expected} (it was "
+                    "truncated, changed or replaced after it was written)",
+                )
+            f.seek(0)
+        fmt = _read_format(f, location)
+        try:
+            return _load_payload(f, fmt, self.allow_pickle)
+        except (UnsafeCheckpoint, ImportError):
+            raise
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+            raise DamagedCheckpoint(
+                location, f"its payload cannot be read ({type(e).__name__}: {e})"
+            ) from None
 
     def delete(self, location: str) -> None:
         """Deletes the checkpoint at ``location``; a missing one is not an error.
@@ -437,31 +685,28 @@ class CheckpointStore:
                 removed += 1
         return removed
 
-    def _save_local(self, directory: str, name: str, state: object) -> tuple[int, Format]:
+    def _save_local(self, directory: str, stem: str, state: object) -> tuple[str, int, Format]:
         folder = os.path.join(self._root, *directory.split("/"))
         self._make_local_dir(folder)
-        final = os.path.join(folder, name)
-        tmp = os.path.join(folder, _TMP_PREFIX + name)
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{stem}.ckpt")
         f = self._create_local(folder, tmp)
         try:
             with f:
-                fmt: Format = "pickle"
-                if not _dump_pickle(f, state):
-                    f.seek(0)
-                    f.truncate()
-                    _dump_torch(f, state)
-                    fmt = "torch"
+                out = _Digest(f)
+                fmt = _dump(out, state)
                 f.flush()
                 size = f.tell()
+                digest = out.hexdigest() if out.exact else _file_digest(f)
                 if self._fsync:
                     os.fsync(f.fileno())
-            os.replace(tmp, final)
+            name = f"{stem}-{digest}.ckpt"
+            os.replace(tmp, os.path.join(folder, name))
         except BaseException:
             _remove_quietly(tmp)
             raise
         if self._fsync:
             _fsync_dir(folder)
-        return size, fmt
+        return name, size, fmt
 
     def _create_local(self, folder: str, tmp: str) -> IO[bytes]:
         try:
@@ -485,29 +730,30 @@ class CheckpointStore:
                 _fsync_dir(os.path.dirname(path))
         self._dirs.add(folder)
 
-    def _save_fsspec(self, directory: str, name: str, state: object) -> tuple[int, Format]:
+    def _save_fsspec(self, directory: str, stem: str, state: object) -> tuple[str, int, Format]:
         folder = f"{self._root}/{directory}"
         if folder not in self._dirs:
             self._fs.makedirs(folder, exist_ok=True)
             self._dirs.add(folder)
-        final = f"{folder}/{name}"
-        tmp = f"{folder}/{_TMP_PREFIX}{name}"
+        tmp = f"{folder}/{_TMP_PREFIX}{stem}.ckpt"
+        # Remote files cannot always seek or truncate (a pickle abandoned for torch.save):
+        # the file is made in memory, then written in one piece.
+        buffer = io.BytesIO()
+        out = _Digest(buffer)
+        fmt = _dump(out, state)
+        data = buffer.getbuffer()
+        digest = out.hexdigest() if out.exact else _file_digest(buffer)
+        name = f"{stem}-{digest}.ckpt"
         try:
-            fmt: Format = "pickle"
             with self._fs.open(tmp, "wb") as f:
-                done = _dump_pickle(f, state)
-                size = f.tell()
-            if not done:
-                with self._fs.open(tmp, "wb") as f:
-                    _dump_torch(f, state)
-                    size = f.tell()
-                fmt = "torch"
-            self._fs.mv(tmp, final)
+                f.write(data)
+            size = len(data)
+            self._fs.mv(tmp, f"{folder}/{name}")
         except BaseException:
             with contextlib.suppress(Exception):  # the original error matters, not this one
                 self._fs.rm(tmp)
             raise
-        return int(size), fmt
+        return name, int(size), fmt
 
     def _local_path(self, location: str) -> str:
         parts = self._check_location(location)
