@@ -379,6 +379,21 @@ class PBT:
         """Marks ``member`` failed: it is no longer compared with, copied, or waited for."""
         self._set_final(member, "failed")
 
+    def rollback(self, member: int, step: int) -> None:
+        """Puts ``member`` back at ``step`` with its hyperparameters: the state it stood on is
+        lost (a damaged or missing checkpoint) and it trains on from one saved at ``step`` (0:
+        from scratch). Its score is unknown until its next ready point, ``step + interval``;
+        a finished member runs again. A failed member stays failed.
+        """
+        m = self._member(member)
+        if m.status == "failed":
+            return
+        self._pending.pop(member, None)
+        m.step = m.last_ready = int(step)
+        m.score = m.score_step = None
+        m.window, m.ready = [], []
+        m.status = "running"
+
     def _set_final(self, member: int, status: Status) -> None:
         m = self._member(member)
         self._pending.pop(member, None)

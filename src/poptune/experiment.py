@@ -45,6 +45,12 @@ class Experiment:
         synchronous: Judge whole generations at a barrier instead of each member on arrival.
         seed: Seeds everything: initial hyperparameters, members' seeds, every decision.
         initial_hparams: Optional explicit hyperparameters, one dict per member.
+        allow_pickle: Let checkpoints hold arbitrary Python objects (instances of your own
+            classes), loaded with the full unpickler. By default a member's ``state_dict()``
+            may hold only tensors and plain data (numbers, strings, containers, numpy arrays,
+            random-generator states), because loading anything else can run code that a
+            planted file names (see `poptune.storage.checkpoints`). Recorded with the run, so
+            ``poptune export``, ``Result.load_state`` and replay load its files the same way.
 
     Example:
         >>> import poptune as pt
@@ -72,6 +78,7 @@ class Experiment:
         synchronous: bool = False,
         seed: int = 0,
         initial_hparams: Sequence[Mapping[str, Any]] | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         if not callable(trainable):
             raise ValueError(
@@ -80,6 +87,8 @@ class Experiment:
             )
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"`metric` must be a non-empty string, but got {metric!r}.")
+        if not isinstance(allow_pickle, bool):
+            raise ValueError(f"`allow_pickle` must be True or False, but got {allow_pickle!r}.")
         # As given, for replace() and controller(); the space validated once.
         arguments: dict[str, Any] = {
             "trainable": trainable,
@@ -95,6 +104,7 @@ class Experiment:
             "synchronous": synchronous,
             "seed": seed,
             "initial_hparams": initial_hparams,
+            "allow_pickle": allow_pickle,
         }
         # Building a controller validates every other argument, with messages that name them.
         probe = PBT(**_controller_arguments(arguments))
@@ -117,6 +127,7 @@ class Experiment:
             "synchronous": probe.synchronous,
             "seed": probe.seed,
             "initial_hparams": arguments["initial_hparams"],
+            "allow_pickle": allow_pickle,
             "_arguments": arguments,
         }
         for key, value in fields.items():
@@ -136,6 +147,7 @@ class Experiment:
     synchronous: bool
     seed: int
     initial_hparams: Sequence[Mapping[str, Any]] | None
+    allow_pickle: bool
     _arguments: dict[str, Any]
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -189,6 +201,8 @@ class Experiment:
         # by a script must give the same configuration.
         out["trainable"] = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
         out["initial_population"] = {str(mid): dict(m.hparams) for mid, m in pbt.members.items()}
+        if self.allow_pickle:  # only when set: runs recorded before it keep their fingerprint
+            out["allow_pickle"] = True
         return out
 
     def run(
@@ -297,4 +311,4 @@ class Experiment:
 
 def _controller_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The arguments of `Experiment` that `PBT` takes."""
-    return {k: v for k, v in arguments.items() if k not in ("trainable", "metric")}
+    return {k: v for k, v in arguments.items() if k not in ("trainable", "metric", "allow_pickle")}

@@ -338,7 +338,8 @@ def _destination(
             where
         )
         check_checkpoint_folder(root, name, where, None)
-        return ref, store, where, CheckpointStore(root), root
+        allow = bool(info is not None and info.config.get("allow_pickle", False))
+        return ref, store, where, CheckpointStore(root, allow_pickle=allow), root
     except BaseException:
         if store is not ref:
             store.close()

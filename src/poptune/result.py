@@ -86,7 +86,12 @@ class Event:
         old_hparams: Its hyperparameters before.
         new_hparams: Its hyperparameters after.
         operations: What explore did to each hyperparameter it touched.
-        kind: ``"exploit"``, ``"explore"`` or ``"replace"``.
+        kind: ``"exploit"``, ``"explore"``, ``"replace"``, or ``"rollback"``: the state the
+            member stood on was damaged or missing, and it went back to the checkpoint
+            ``donor`` saved at ``donor_step`` (its own previous one, or that of the member
+            whose file it had copied; ``donor`` None: from scratch), keeping its
+            hyperparameters. That file holds the donor's state as it trained it to that step,
+            before any decision made there. ``step`` is the step it went back to.
     """
 
     index: int

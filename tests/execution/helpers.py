@@ -28,12 +28,20 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
     score is exactly what the lineage says: after an exploit, the donor's value at donor_step
     plus the new a; otherwise the member's own previous value plus the a in force. Also that
     no member trains a step twice and that each record names the stretch of life (segment) it
-    belongs to. Returns how many records followed a copy (so callers can require some)."""
+    belongs to. Returns how many records followed a copy (so callers can require some).
+
+    A member trains a step again only after a ``rollback`` (its checkpoint was damaged), in
+    the new stretch of life that event began: never twice in one stretch."""
     events = list(result.events)
-    scores: dict[tuple[int, int], float] = {}
+    # (member, step) -> [(segment or -1, score)], in commit order
+    scores: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for h in result.history:
-        assert (h.member, h.step) not in scores, f"member {h.member} trained step {h.step} twice"
-        scores[(h.member, h.step)] = h.score
+        seg = -1 if h.segment is None else h.segment
+        found = scores.setdefault((h.member, h.step), [])
+        assert all(s != seg for s, _ in found), f"member {h.member} trained step {h.step} twice"
+        if found:  # trained again: only after a rollback of this member
+            assert events[seg].kind == "rollback" and events[seg].member == h.member, (h, found)
+        found.append((seg, h.score))
 
     def value(member: int, step: int, before: int) -> float:
         """The member's x at ``step`` after its events numbered below ``before``: the donor's
@@ -51,23 +59,27 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
             e = copies[-1]
             assert e.donor is not None and e.donor_step is not None
             return value(e.donor, e.donor_step, _before(e))
-        return scores[(member, step)]
+        return saved(member, step, before)
+
+    def saved(member: int, step: int, before: int) -> float:
+        """The member's x as it trained it to ``step`` (what its checkpoint there holds), in its
+        latest stretch of life begun before event ``before``."""
+        return [score for seg, score in scores[(member, step)] if seg < before][-1]
 
     def _before(e: pt.Event) -> int:
         """Which of the donor's events had taken effect when ``e`` copied it: all earlier
         ones, except that a synchronous generation's decisions all see the barrier's states."""
-        return _barrier(e) if synchronous and e.kind != "replace" else e.index
+        return _barrier(e) if synchronous and e.kind in ("exploit", "explore") else e.index
 
     def _barrier(e: pt.Event) -> int:
         """Synchronous donors are taken before any decision of the generation."""
-        return min(x.index for x in events if x.step == e.step and x.kind != "replace")
+        return min(x.index for x in events if x.step == e.step and x.kind in ("exploit", "explore"))
 
     followed = 0
     by_member: dict[int, list[pt.HistoryRecord]] = {}
     for h in result.history:
         by_member.setdefault(h.member, []).append(h)
-    for member, records in by_member.items():
-        records.sort(key=lambda h: h.step)
+    for member, records in by_member.items():  # in commit order: stretch after stretch
         prev: pt.HistoryRecord | None = None
         for h in records:
             if h.segment is None:
@@ -80,6 +92,10 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
                 a = e.new_hparams["lr"]
                 if prev is not None and prev.segment == h.segment:
                     expected = prev.score + a
+                elif e.kind == "rollback":  # the donor's file: its x as saved at donor_step
+                    assert e.donor_step is not None and h.step == e.donor_step + 1
+                    base = 0.0 if e.donor is None else saved(e.donor, e.donor_step, e.index)
+                    expected = base + a
                 elif e.donor in (None, member):  # explore, or a fresh replacement
                     base = 0.0 if e.donor is None else value(member, e.step, e.index)
                     expected = base + a

@@ -69,11 +69,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_state(result: Result, path: str, member: int | None) -> int:
     """Writes a member's latest state to ``path`` (atomically)."""
+    from pickle import UnpicklingError
+
     from poptune.export import write_state
+    from poptune.storage.base import StorageError
 
     try:
         state = result.load_state(member)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, UnpicklingError, StorageError) as e:
         raise CLIError(str(e).strip("'\"")) from None
     record = result.best if member is None else result.member(member)
     kind = write_state(state, path)

@@ -153,10 +153,19 @@ def _status_run(store: Storage, name: str) -> None:
             str(count[member]),
             str(f.step),
             str(f.attempt),
-            "failed" if member in failed else "retried",
+            "failed" if member in failed else "damaged file" if _damaged(f) else "retried",
             _scrub(_last_line(f.traceback)),
         )
     out.print(ftable)
+    damaged = [f for f in failures if _damaged(f)]
+    if damaged:
+        out.print(
+            "Damaged checkpoints (never used again; the members on them went back to an "
+            "earlier one; no member's fault):",
+            markup=False,
+        )
+        for f in damaged:  # whole lines: a location is copied from here
+            out.print(f"  {f.traceback.strip()}", markup=False, highlight=False, soft_wrap=True)
     last = failures[-1]
     out.print(
         f"Last failure: member {last.member}, step {last.step}, attempt {last.attempt}, "
@@ -164,6 +173,11 @@ def _status_run(store: Storage, name: str) -> None:
         markup=False,
     )
     out.print(_scrub(last.traceback.rstrip()), markup=False, highlight=False, crop=False)
+
+
+def _damaged(failure: Any) -> bool:
+    """Whether a failure record is a damaged or missing checkpoint (`Lifecycle.record_damaged`)."""
+    return bool(failure.traceback.startswith("Damaged checkpoint:"))
 
 
 def _last_line(text: str) -> str:

@@ -111,6 +111,7 @@ def execute(
         root = root or default_checkpoint_root(where)
         if "://" not in root:
             root = os.path.abspath(root)
+        _check_same_root(name, existing.checkpoint_root if existing else None, root)
         check_checkpoint_folder(root, name, where, existing.created if existing else None)
     info = prepare_run(experiment, store, name, resume=resume, source=source, checkpoint_root=root)
     if root is not None:
@@ -147,7 +148,7 @@ def execute(
                 from poptune.storage.checkpoints import CheckpointStore
 
                 assert root is not None
-                ckpt = CheckpointStore(root)
+                ckpt = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
                 ckpt.cleanup_temporary(name)
             if executor == "serial":
                 from poptune.execution.serial import run_serial
@@ -178,9 +179,10 @@ def execute(
     final = store.get_run(name)
     if final is None or final.status != "completed":
         status = final.status if final is not None else "gone"
+        why = f" {final.error}" if final is not None and final.error else ""
         raise RunInterrupted(
-            f"Run {name!r} did not complete (its status is {status!r}). Everything committed "
-            f"is kept: run it again with the same storage and name to resume it."
+            f"Run {name!r} did not complete (its status is {status!r}).{why} Everything "
+            "committed is kept: run it again with the same storage and name to resume it."
         )
     # An in-memory run's checkpoints live in this process; a stored run's in its folder.
     result = load_result(
@@ -192,6 +194,26 @@ def execute(
     )
     _warn_if_unscored(result)
     return result
+
+
+def _check_same_root(name: str, recorded: str | None, given: str) -> None:
+    """Refuses another checkpoint root for an existing run: its files would be split between
+    two folders, members would fail to find their checkpoints, and its best model could not
+    be exported.
+
+    Raises:
+        ValueError: ``given`` names another folder than ``recorded``.
+    """
+    if recorded is None or recorded == given:
+        return
+    same = "://" not in recorded and os.path.realpath(recorded) == os.path.realpath(given)
+    if not same:
+        raise ValueError(
+            f"Run {name!r} keeps its checkpoints in {recorded}, but checkpoints={given!r} "
+            "(--checkpoints) names another folder; a run's checkpoints stay in one folder. Leave "
+            "it out to resume the run, or move the folder and keep its path (or start a new "
+            "run under another name)."
+        )
 
 
 def _how(

@@ -21,7 +21,17 @@ An exception raised by user code in stages 2 to 5 (``load_state_dict``, ``set_hp
 ``step``, ``state_dict``) takes one path, `Lifecycle.record_failure`: retried from the last
 checkpoint up to ``max_retries`` times, then the member fails for good and a copy of a top
 member replaces it; more than ``max_failures`` members failing for good stops the run. A
-configuration error (a metric ``step()`` never returns) stops the run at once.
+configuration error (a metric ``step()`` never returns, a state that safe loading refuses)
+stops the run at once.
+
+What is not user code is never charged to a member:
+
+* a checkpoint that fails its checksum or is missing (`DamagedCheckpoint`) takes
+  `Lifecycle.record_damaged`: the file is forgotten (never a donor again), the failure is
+  recorded against the member whose file it is, and every member standing on it goes back to
+  that member's previous kept checkpoint (or starts afresh), with a ``rollback`` lineage event;
+* a checkpoint that cannot be written (a full disk: `OSError`) is retried with backoff, then
+  ends the run as interrupted (`InfrastructureError`) with one line saying what failed.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import math
 import os
 import signal
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Container, Iterator, Mapping, Sequence
@@ -41,6 +52,7 @@ from poptune.controller import PBT, Decision, member_seed, ready_step
 from poptune.execution.session import (
     CheckpointBackend,
     RunFailed,
+    RunInterrupted,
     RunOptions,
     member_rows,
     retention,
@@ -54,6 +66,7 @@ from poptune.storage.base import (
     Storage,
     Transaction,
 )
+from poptune.storage.checkpoints import DamagedCheckpoint, UnsafeCheckpoint, checkpoint_owner
 from poptune.trainable import MemberContext, Trainable, worker_device
 
 if TYPE_CHECKING:
@@ -61,6 +74,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigurationError",
+    "InfrastructureError",
     "Lifecycle",
     "MetricMissing",
     "TrainableCache",
@@ -77,6 +91,16 @@ class ConfigurationError(ValueError):
 
 class MetricMissing(ConfigurationError):
     """``step()`` did not return the experiment's metric."""
+
+
+class InfrastructureError(RunInterrupted):
+    """Something outside user code kept failing (a checkpoint disk that stays full, say): the
+    run stops as interrupted, nothing committed is lost, and no member is blamed."""
+
+
+#: Seconds a worker waits before each new try of a checkpoint write that failed (`OSError`):
+#: a disk that fills up for a moment is no reason to stop a run.
+SAVE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 # -- pure rules ----------------------------------------------------------------------------------
@@ -308,6 +332,12 @@ class Lifecycle:
         when a ``mutable=False`` hyperparameter differs. `Trainable.set_hparams` is called
         after every load. Exceptions come from user code (the caller's failure path).
         """
+        try:
+            return self._restore(row, held)
+        except UnsafeCheckpoint as e:
+            raise ConfigurationError(str(e)) from None
+
+    def _restore(self, row: MemberRow, held: tuple[str | None, Trainable] | None) -> Trainable:
         hparams = row.state["hparams"]
         location = row.checkpoint
         if held is not None:
@@ -342,9 +372,33 @@ class Lifecycle:
         return ResultRow(member, step, score, metrics, segment, worker_device())
 
     def save(self, trainable: Trainable, member: int, step: int) -> tuple[str, int]:
-        """Checkpoints the trainable's state (user code: ``state_dict``)."""
-        saved = self.ckpts.save(self.name, member, step, trainable.state_dict())
-        return saved.location, int(saved.size)
+        """Checkpoints the trainable's state (user code: ``state_dict``).
+
+        A write that fails (`OSError`: a full disk, a lost mount) is tried again after each
+        pause of `SAVE_BACKOFF`; then the run cannot go on.
+
+        Raises:
+            ConfigurationError: The state holds objects safe loading refuses.
+            InfrastructureError: The checkpoint could not be written, after every try.
+        """
+        state = trainable.state_dict()
+        for pause in (*SAVE_BACKOFF, None):
+            try:
+                saved = self.ckpts.save(self.name, member, step, state)
+                return saved.location, int(saved.size)
+            except UnsafeCheckpoint as e:
+                raise ConfigurationError(str(e)) from None
+            except OSError as e:
+                if pause is None:
+                    raise InfrastructureError(
+                        f"Run {self.name!r}: checkpoints cannot be written ({type(e).__name__}: "
+                        f"{e}), member {member} at step {step}, after {len(SAVE_BACKOFF)} "
+                        "retries. Everything committed is kept; free space (or fix the "
+                        "checkpoint folder), then resume the run."
+                    ) from None
+                _log_retry(f"Checkpoint write failed ({e}); retrying in {pause:g} s.")
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -501,6 +555,83 @@ class Lifecycle:
         tx.add_events(events)
         return "replaced", Committed(rows)
 
+    def record_damaged(
+        self,
+        tx: Transaction,
+        pbt: PBT,
+        member: int,
+        exc: DamagedCheckpoint,
+        stored: Mapping[int, MemberRow],
+        *,
+        keep_owner: bool,
+    ) -> Committed:
+        """A checkpoint that ``member`` could not restore from is damaged or missing: no
+        member's fault. Records the failure against the member whose file it is (attempt 0:
+        no retry is used up), forgets the file so that no member copies it again, and puts
+        every member standing on it back to that member's previous kept checkpoint, retraining
+        the steps between (`PBT.rollback`; from scratch when none is left), each with a
+        ``rollback`` lineage event. ``member`` is released (or kept, with ``keep_owner``).
+        """
+        tx.require_owner(member, self.worker, known=stored)
+        location = exc.location
+        owner = checkpoint_owner(location)
+        rows_of_owner = tx.checkpoints([owner]) if owner is not None else []
+        kept = [c for c in rows_of_owner if c.member == owner and c.location != location]
+        bad = [c for c in rows_of_owner if c.location == location]
+        bad_step = bad[0].step if bad else stored[member].checkpoint_step or 0
+        # Its previous checkpoint, else (a copier standing on an old file) its newest one.
+        earlier = [c for c in kept if c.step <= bad_step] or kept
+        fallback = max(earlier, key=lambda c: c.id) if earlier else None
+        tx.delete_checkpoints([location])
+        on_it = sorted(
+            mid
+            for mid, r in stored.items()
+            if r.checkpoint == location and r.state["status"] != "failed"
+        )
+        where = (
+            f"member {owner}'s checkpoint at step {fallback.step}"
+            if fallback is not None
+            else "scratch (no other checkpoint of it is kept)"
+        )
+        text = (
+            f"Damaged checkpoint: {exc} Found by member {member} restoring it; members "
+            f"{on_it} went back to {where}.\n"
+        )
+        blamed = owner if owner is not None and owner in stored else member
+        tx.add_failure(FailureRow(blamed, int(bad_step), 0, text, tx.now()))
+        _log_retry(text.strip())
+        step = fallback.step if fallback is not None else 0
+        changes: dict[int, dict[str, Any]] = {}
+        events: list[dict[str, Any]] = []
+        first = tx.event_count()
+        for mid in on_it:
+            pbt.rollback(mid, step)
+            m = pbt.members[mid]
+            m.segment = first + len(events)
+            events.append(
+                Event(
+                    index=m.segment,
+                    member=mid,
+                    step=step,
+                    donor=owner if fallback is not None else None,
+                    donor_step=step,
+                    old_hparams=dict(m.hparams),
+                    new_hparams=dict(m.hparams),
+                    kind="rollback",
+                ).to_dict()
+            )
+            changes[mid] = {
+                "checkpoint": fallback.location if fallback is not None else None,
+                "checkpoint_step": step if fallback is not None else None,
+                "attempts": 0,
+            }
+        if not keep_owner:
+            changes.setdefault(member, {}).update({"owner": None, "heartbeat": None})
+        rows = member_rows(pbt, stored, changes)
+        write_population(tx, pbt, rows, stored)
+        tx.add_events(events)
+        return Committed(rows)
+
     def _held(self, tx: Transaction, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
         """The row after a failed attempt: still this worker's, or released for any worker."""
         if keep_owner:
@@ -510,6 +641,12 @@ class Lifecycle:
     def _stop(self, tx: Transaction, message: str) -> None:
         tx.set_status("failed", message)
         raise _Stop(message)
+
+
+def _log_retry(message: str) -> None:
+    import logging
+
+    logging.getLogger("poptune").warning(message)
 
 
 class _Stop(RunFailed):

@@ -25,6 +25,7 @@ from poptune.controller import PBT
 from poptune.execution.lifecycle import (
     Committed,
     Heartbeat,
+    InfrastructureError,
     Lifecycle,
     Trained,
     committing,
@@ -40,6 +41,7 @@ from poptune.execution.session import (
     release_held,
 )
 from poptune.storage.base import MemberBusy, MemberRow, ResultRow, Storage
+from poptune.storage.checkpoints import DamagedCheckpoint
 from poptune.trainable import Trainable, set_worker_device, worker_device
 
 if TYPE_CHECKING:
@@ -185,6 +187,11 @@ class _SerialRun:
                 trainable = self._trainable(mid)
                 step = self._step_of(mid) + 1
                 row = self.life.step(trainable, mid, step, self.pbt.members[mid].segment)
+            except InfrastructureError:
+                raise
+            except DamagedCheckpoint as exc:
+                self._damaged(mid, exc)
+                continue
             except Exception as exc:
                 self._failed(mid, exc, step)
                 continue
@@ -198,6 +205,11 @@ class _SerialRun:
                 trainable = self._trainable(mid)
                 step = self._step_of(mid)
                 location, size = self.life.save(trainable, mid, step)
+            except InfrastructureError:
+                raise
+            except DamagedCheckpoint as exc:
+                self._damaged(mid, exc)
+                continue
             except Exception as exc:
                 self._failed(mid, exc)
                 continue
@@ -242,6 +254,20 @@ class _SerialRun:
             return
         assert committed is not None
         self.pending.pop(mid, None)
+        self._after(committed)
+
+    def _damaged(self, mid: int, exc: DamagedCheckpoint) -> None:
+        """A checkpoint ``mid`` had to restore from is damaged (`Lifecycle.record_damaged`):
+        the members that stood on it go back, their uncommitted steps and live state dropped."""
+        with committing(self.storage, self.name) as tx:
+            stored = {r.id: r for r in tx.members()}
+            committed = self.life.record_damaged(tx, self.pbt, mid, exc, stored, keep_owner=True)
+        for back in [m for m, r in stored.items() if r.checkpoint == exc.location] + [mid]:
+            self.pending.pop(back, None)
+            held = self.live.pop(back, None)
+            if held is not None:
+                with contextlib.suppress(Exception):
+                    held[1].close()
         self._after(committed)
 
     def _after(self, committed: Committed) -> None:

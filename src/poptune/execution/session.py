@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -486,10 +487,9 @@ def load_result(
     members = [MemberRecord.from_state(r.state) for r in rows]
     stored_initial = cfg.get("initial_population") or {}
     if checkpoints is None and info.checkpoint_root is not None:
-        from poptune.storage.checkpoints import CheckpointStore
-
-        root = info.checkpoint_root
-        checkpoints = functools.partial(_open_store, CheckpointStore, root)
+        checkpoints = functools.partial(
+            open_run_checkpoints, info, storage_ref if isinstance(storage_ref, str) else storage
+        )
     return Result(
         name=name,
         mode=str(cfg.get("mode", "max")),
@@ -515,5 +515,25 @@ def load_result(
     )
 
 
-def _open_store(kind: Any, root: str) -> Any:
-    return kind(root)
+def open_run_checkpoints(info: RunInfo, storage: str | Storage) -> Any:
+    """The checkpoint store of a stored run, for reading its members' states: its recorded
+    root, once the folder's marker names this very run (storage, name, creation time), and
+    with the loading rules recorded with the run (``allow_pickle``). A run that allows pickles
+    has its experiment file imported first, so that the classes its states hold are found.
+
+    Raises:
+        StorageError: The folder has no marker, or another run's.
+    """
+    from poptune.storage.checkpoints import CheckpointStore
+    from poptune.storage.folders import require_checkpoint_folder
+
+    assert info.checkpoint_root is not None
+    where = storage if isinstance(storage, str) else storage.display_url
+    require_checkpoint_folder(info.checkpoint_root, info.name, where, info.created)
+    allow = bool(info.config.get("allow_pickle", False))
+    if allow and info.source:
+        from poptune.execution.source import SourceError, load_experiment
+
+        with contextlib.suppress(SourceError):  # then only its classes cannot be found
+            load_experiment(info.source)
+    return CheckpointStore(info.checkpoint_root, allow_pickle=allow)

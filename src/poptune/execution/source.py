@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,24 @@ def _split(spec: str) -> tuple[str, str | None]:
     return path, name
 
 
+def module_name_for(path: str) -> str:
+    """The name an experiment file is imported under: ``_poptune_user_<file stem>``.
+
+    It does not depend on where the file is, so that objects of classes the file defines
+    (pickled into checkpoints with ``allow_pickle``) load in a process that imported the same
+    file from another path: ``poptune worker RUN FILE`` on another machine, ``poptune export``
+    in a new process. Only when another file of the same stem is already imported in this
+    process does a hash of the path tell them apart.
+    """
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = "_poptune_user_" + re.sub(r"\W", "_", stem, flags=re.ASCII)
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    if module is None or (file is not None and os.path.abspath(file) == path):
+        return name
+    return f"{name}_{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+
+
 def load_experiment(spec: str) -> tuple[Experiment, str]:
     """Imports ``FILE.py[:NAME]`` and returns its Experiment and the normalised source.
 
@@ -38,7 +57,7 @@ def load_experiment(spec: str) -> tuple[Experiment, str]:
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise SourceError(f"No such file: {path}")
-    module_name = "_poptune_user_" + hashlib.sha1(path.encode()).hexdigest()[:10]
+    module_name = module_name_for(path)
     module = sys.modules.get(module_name)
     if module is None:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from poptune.execution.lifecycle import (
     Heartbeat,
+    InfrastructureError,
     Lifecycle,
     TrainableCache,
     Trained,
@@ -64,6 +65,7 @@ from poptune.execution.session import (
     release_held,
 )
 from poptune.storage.base import MemberRow, Storage, Transaction
+from poptune.storage.checkpoints import DamagedCheckpoint
 from poptune.trainable import set_worker_device
 
 if TYPE_CHECKING:
@@ -299,7 +301,7 @@ class Worker:
             if failed_before is None:
                 rows = self.storage.members(run)  # also: the run must exist
                 failed_before = sum(1 for r in rows if r.state["status"] == "failed")
-            self.ckpts = CheckpointStore(checkpoint_root)
+            self.ckpts = CheckpointStore(checkpoint_root, allow_pickle=experiment.allow_pickle)
         except BaseException:
             self.storage.close()
             raise
@@ -346,6 +348,8 @@ class Worker:
                     claimed = self._work(claimed)
                 if self.stopping.is_set():
                     self.report.stopped = True
+        except InfrastructureError as e:
+            self._interrupt(str(e))
         finally:
             self._release_all()
         return self.report
@@ -491,6 +495,8 @@ class Worker:
                 self.cache.put(mid, None, trainable)  # its state is not at any checkpoint
                 self.cache.drop(mid)
             raise
+        except InfrastructureError:
+            raise
         except Exception as exc:
             if trainable is not None and trainable is not (held[1] if held else None):
                 with contextlib.suppress(Exception):
@@ -498,7 +504,10 @@ class Worker:
             elif held is not None:
                 with contextlib.suppress(Exception):
                     held[1].close()
-            self._failed(mid, exc, step)
+            if isinstance(exc, DamagedCheckpoint):
+                self._damaged(mid, exc)
+            else:
+                self._failed(mid, exc, step)
             return None
         self.cache.put(mid, location, trainable)
         return Trained(mid, step, results, location, size)
@@ -511,6 +520,25 @@ class Worker:
             pbt = controller_from(self.exp, tx.run(), stored.values())
             self.report.failures += 1
             self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
+
+    def _damaged(self, mid: int, exc: DamagedCheckpoint) -> None:
+        """A checkpoint the member stood on is damaged: no failure of the member's
+        (`Lifecycle.record_damaged`)."""
+        with self._transaction() as tx:
+            stored = self._population(tx)
+            if stored[mid].owner != self.id:
+                return
+            pbt = controller_from(self.exp, tx.run(), stored.values())
+            self.report.failures += 1
+            self.life.record_damaged(tx, pbt, mid, exc, stored, keep_owner=False)
+
+    def _interrupt(self, message: str) -> None:
+        """Ends the run as interrupted (an `InfrastructureError`): every worker stops at its
+        next claim, and the message says what failed and how to resume."""
+        self.report.status = "interrupted"
+        with contextlib.suppress(Exception), self._transaction() as tx:  # storage may be down
+            if tx.run().status == "running":
+                tx.set_status("interrupted", message)
 
     def _release_all(self) -> None:
         self.cache.clear()

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.util
 import io
 import operator
@@ -307,8 +308,7 @@ def _dump(out: _Digest, state: object) -> Format:
     torch objects (a state can only hold them if torch was imported, so torch is never
     imported here, and without it the plain C pickler does the work)."""
     out.write(_MAGIC + _FORMAT_BYTES["pickle"])
-    torch = sys.modules.get("torch")
-    tensor_type = getattr(torch, "Tensor", None)
+    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
     if not isinstance(tensor_type, type):
         pickle.dump(state, cast(IO[bytes], out), protocol=5)
         return "pickle"
@@ -379,8 +379,20 @@ _SAFE_GLOBALS = frozenset(
         *(
             ("builtins", n)
             for n in (
-                "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int",
-                "list", "range", "set", "slice", "str", "tuple",
+                "bool",
+                "bytearray",
+                "bytes",
+                "complex",
+                "dict",
+                "float",
+                "frozenset",
+                "int",
+                "list",
+                "range",
+                "set",
+                "slice",
+                "str",
+                "tuple",
             )
         ),
         ("_codecs", "encode"),
@@ -425,8 +437,6 @@ class _SafeUnpickler(pickle.Unpickler):
 @functools.lru_cache(maxsize=1)
 def _safe_torch_globals() -> list[Any]:
     """The numpy objects `_SAFE_GLOBALS` admits, for ``torch.load(weights_only=True)``."""
-    import importlib
-
     modern = importlib.util.find_spec("numpy._core") is not None
     found = []
     for module, name in sorted(_SAFE_GLOBALS):

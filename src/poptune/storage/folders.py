@@ -42,6 +42,7 @@ __all__ = [
     "default_checkpoint_root",
     "delete_checkpoint_folder",
     "read_marker",
+    "require_checkpoint_folder",
     "storage_identity",
 ]
 
@@ -198,6 +199,27 @@ def check_checkpoint_folder(root: str, run: str, storage: str, created: float | 
         f"{identity}; two runs never share a checkpoint folder. Pass another folder with "
         "checkpoints= (--checkpoints), or remove that one if its run is gone."
     )
+
+
+def require_checkpoint_folder(root: str, run: str, storage: str, created: float) -> None:
+    """Checks, before anything is read from ``ROOT/RUN``, that its marker names this run.
+
+    What reads a stored run's checkpoints (``poptune export``, `poptune.Result.load_state`,
+    replay) takes the folder from the run's record: a folder without a marker, or with
+    another run's, is not read, whatever files it holds. fsspec roots have no marker.
+
+    Raises:
+        StorageError: The folder has no marker, or another run's (the message says which).
+    """
+    if _folder(root, run) is None:
+        return
+    if read_marker(root, run) is None:
+        raise StorageError(
+            f"Checkpoint folder {_folder(root, run)} has no {MARKER} marker naming run {run!r} "
+            f"of {storage_identity(storage)}, so its files are not read: they may not be this "
+            "run's. If they are, resume the run once (it writes the marker)."
+        )
+    check_checkpoint_folder(root, run, storage, created)
 
 
 def claim_checkpoint_folder(root: str, run: str, storage: str, created: float) -> None:
