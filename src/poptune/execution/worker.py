@@ -32,7 +32,9 @@ worker does, whichever machine it runs on, and whether or not the process that s
 is still there. A worker stops when the run is completed, failed or interrupted (by its
 starter, `poptune resume`, Ctrl-C on the driver), when its ``stop`` event is set (between
 steps: the stretch since the member's last ready point is dropped, never committed), or when
-its parent process is gone (``parent_pid``); whatever it holds is then released at once.
+its parent process is gone (``parent_pid``); whatever it holds is then released at once. The
+worker that marks the run completed removes the checkpoint files nobody committed
+(`poptune.execution.tidy`).
 """
 
 from __future__ import annotations
@@ -316,6 +318,7 @@ class Worker:
         self.stopping = stop if stop is not None else threading.Event()
         self.parent_pid = parent_pid
         self.on_commit = on_commit
+        self._completed = False  # whether this worker marked the run completed
         self.report = WorkReport(worker_id)
         # The population as last read, and its version (`Transaction.members_since`).
         self._rows: dict[int, MemberRow] = {}
@@ -381,6 +384,7 @@ class Worker:
         if not alive:
             tx.set_status("completed")
             self.report.status = "completed"
+            self._completed = True
             return None
         t = tx.now()
         running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
@@ -519,6 +523,12 @@ class Worker:
                 release_held(tx, self.id.__eq__)
         except Exception:
             pass
+        if self._completed:
+            from poptune.execution.tidy import tidy_checkpoints
+
+            # Nobody can commit into a completed run: files of uncommitted stretches go.
+            with contextlib.suppress(Exception):
+                tidy_checkpoints(self.storage, self.name, self.ckpts)
         self.storage.close()
 
 
