@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import SOURCE, check_complete, experiment, unreferenced
 
 from poptune.storage import open_storage
+from poptune.storage.leases import parse_worker_id, process_alive
 
 DRIVER = """
 import sys
@@ -62,6 +64,42 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("delay", "interval"),
+    [(1.0, 40), (120.0, 2)],
+    ids=["stops-between-steps", "ends-itself-mid-step"],
+)
+def test_the_workers_of_a_killed_driver_end_within_seconds(
+    env: Any, tmp_path: Path, delay: float, interval: int
+) -> None:
+    """SIGKILL the driver while its workers are in the middle of a batch that takes 40 s or
+    more: each worker notices its parent is gone and ends within 30 s, after its current step
+    (1 s) or, when the step itself is long (120 s), in the middle of it, and releases the
+    members it held."""
+    env(delay=delay, pop=4, steps=2 * interval, interval=interval)
+    url, root = f"sqlite:///{tmp_path}/runs.db", tmp_path / "ckpts"
+    proc = start_driver(url, root, workers=2, batch=2)
+    try:
+        owners = wait_until(
+            "both workers hold members", lambda: len(holders(url)) == 2 and holders(url)
+        )
+        pids = set()
+        for owner in owners:
+            identity = parse_worker_id(owner)
+            assert identity is not None
+            pids.add(identity.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_until(
+            "every worker of the killed driver ended",
+            lambda: not any(process_alive(pid) for pid in pids),
+            timeout=30.0,
+        )
+    finally:
+        kill_group(proc)
+    assert holders(url) == set()
 
 
 def test_files_of_a_killed_batch_are_removed_when_the_run_is_resumed(
