@@ -6,6 +6,8 @@ from pathlib import Path
 
 import poptune as pt
 from poptune.execution.source import load_experiment
+from poptune.storage import open_storage
+from poptune.storage.folders import MARKER
 
 WORKLOADS = str(Path(__file__).with_name("workloads.py"))
 SOURCE = f"{WORKLOADS}:counter"
@@ -107,3 +109,13 @@ def check_exact(result: pt.Result, synchronous: bool) -> int:
             assert h.score == expected, (member, h.step, h.segment, h.score, expected)
             prev = h
     return followed
+
+
+def unreferenced(url: str, root: Path, name: str = "r") -> list[str]:
+    """Every file of run ``name``'s checkpoint folder (under ``root``) but its marker that no
+    checkpoint row and no member row names."""
+    with open_storage(url) as store:
+        named = {c.location for c in store.checkpoints(name)}
+        named |= {m.checkpoint for m in store.members(name) if m.checkpoint is not None}
+    files = [p.relative_to(root).as_posix() for p in (root / name).rglob("*") if p.is_file()]
+    return sorted(f for f in files if f not in named and f != f"{name}/{MARKER}")

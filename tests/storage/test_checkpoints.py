@@ -260,6 +260,44 @@ def test_cleanup_temporary_removes_only_leftovers(tmp_path: pathlib.Path) -> Non
     assert len(temporary_files(tmp_path / "other")) == 1
 
 
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_collect_unreferenced_removes_only_the_runs_unreferenced_checkpoints(
+    kind: str, tmp_path: pathlib.Path
+) -> None:
+    """collect_unreferenced deletes the .ckpt files of the run's member folders that are not
+    referenced, and nothing else: not referenced ones, temporary files, the run's marker, other
+    files, other runs' checkpoints."""
+    if kind == "memory":
+        fsspec = pytest.importorskip("fsspec", reason="fsspec is not installed")
+        root = f"memory://poptune-test-{uuid.uuid4().hex}"
+    else:
+        import fsspec
+
+        root = str(tmp_path)
+    store = CheckpointStore(root)
+    kept = store.save("run", 0, 5, {"x": 1})
+    stray = [store.save("run", 0, 10, {"x": 2}), store.save("run", 3, 5, {"x": 3})]
+    other = store.save("other", 0, 5, {"x": 4})
+    others = {
+        "run/.poptune-run": b"{}",
+        "run/notes.ckpt": b"not in a member folder",
+        "run/member-00000/.tmp-step-000000015-aaaaaaaaaaaa.ckpt": b"POPTUNE1P",
+        "run/member-00000/README.txt": b"a user's file",
+    }
+    for path, data in others.items():
+        with fsspec.open(f"{root}/{path}", "wb") as f:
+            f.write(data)
+
+    assert store.collect_unreferenced("run", {kept.location, "run/member-00009/gone.ckpt"}) == 2
+    assert store.collect_unreferenced("run", {kept.location}) == 0
+    assert store.collect_unreferenced("never-saved", ()) == 0
+    assert not any(store.exists(s.location) for s in stray)
+    assert store.load(kept.location) == {"x": 1} and store.load(other.location) == {"x": 4}
+    fs, top = fsspec.core.url_to_fs(root)
+    for path in others:
+        assert fs.isfile(f"{top}/{path}"), path
+
+
 KILL_CHILD = """
 import sys, zlib
 import numpy as np

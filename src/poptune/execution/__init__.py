@@ -67,6 +67,7 @@ def execute(
         raise RuntimeError(_MAIN_GUARD)
     from poptune.execution.devices import check_devices
     from poptune.execution.session import prepare_run
+    from poptune.execution.tidy import tidy_checkpoints
     from poptune.storage import open_storage, storage_url
     from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
     from poptune.storage.memory import MemoryCheckpointStore
@@ -149,7 +150,8 @@ def execute(
 
                 assert root is not None
                 ckpt = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
-                ckpt.cleanup_temporary(name)
+                # Judged by the timeout the run's workers were started with, not this one's.
+                tidy_checkpoints(store, name, ckpt, stored.get("heartbeat_timeout"))
             if executor == "serial":
                 from poptune.execution.serial import run_serial
 
@@ -184,6 +186,13 @@ def execute(
             f"Run {name!r} did not complete (its status is {status!r}).{why} Everything "
             "committed is kept: run it again with the same storage and name to resume it."
         )
+    if root is not None:
+        from poptune.storage.checkpoints import CheckpointStore
+
+        # Files of stretches never committed (their workers were killed) go now.
+        if ckpt is None:
+            ckpt = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
+        tidy_checkpoints(store, name, ckpt)
     # An in-memory run's checkpoints live in this process; a stored run's in its folder.
     result = load_result(
         store,

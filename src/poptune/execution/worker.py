@@ -32,7 +32,9 @@ worker does, whichever machine it runs on, and whether or not the process that s
 is still there. A worker stops when the run is completed, failed or interrupted (by its
 starter, `poptune resume`, Ctrl-C on the driver), when its ``stop`` event is set (between
 steps: the stretch since the member's last ready point is dropped, never committed), or when
-its parent process is gone (``parent_pid``); whatever it holds is then released at once.
+its parent process is gone (``parent_pid``; noticed within a second, also during a long step:
+`ParentWatch`); whatever it holds is then released at once. The worker that marks the run
+completed removes the checkpoint files nobody committed (`poptune.execution.tidy`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,16 @@ if TYPE_CHECKING:
     from poptune.experiment import Experiment
     from poptune.trainable import Trainable
 
-__all__ = ["Stretch", "WorkReport", "Worker", "batch_size", "join_run", "settle_run", "work"]
+__all__ = [
+    "ParentWatch",
+    "Stretch",
+    "WorkReport",
+    "Worker",
+    "batch_size",
+    "join_run",
+    "settle_run",
+    "work",
+]
 
 #: Run statuses in which no worker trains.
 FINAL = ("completed", "failed", "interrupted")
@@ -169,7 +180,10 @@ def work(
             dropped and its member released).
         failed_before: Members failed for good before this worker started, not counted
             against ``options.max_failures`` (default: those failed now).
-        parent_pid: Stop when this process is no longer this process's parent.
+        parent_pid: Stop when this process is no longer this process's parent (looked at
+            from a thread, also during a step; a worker that has not stopped a few seconds
+            later releases its members and ends its process: `ParentWatch`). For worker
+            processes only.
         handle_signals: Make SIGINT and SIGTERM set ``stop`` while the worker runs (main
             thread only; the previous handlers come back afterwards).
         on_start: Called with the worker once it is built, before it claims anything.
@@ -318,6 +332,7 @@ class Worker:
         self.stopping = stop if stop is not None else threading.Event()
         self.parent_pid = parent_pid
         self.on_commit = on_commit
+        self._completed = False  # whether this worker marked the run completed
         self.report = WorkReport(worker_id)
         # The population as last read, and its version (`Transaction.members_since`).
         self._rows: dict[int, MemberRow] = {}
@@ -330,6 +345,7 @@ class Worker:
 
     def run(self) -> WorkReport:
         """Trains until the run is over or the worker must stop; releases what it holds."""
+        watch = ParentWatch(self, self.parent_pid) if self.parent_pid is not None else None
         try:
             with Heartbeat(self.storage, self.name, self.id, self.options.heartbeat_timeout):
                 claimed: list[MemberRow] | int | None = -1
@@ -352,6 +368,8 @@ class Worker:
             self._interrupt(str(e))
         finally:
             self._release_all()
+            if watch is not None:
+                watch.done.set()
         return self.report
 
     def _claim(self) -> list[MemberRow] | int | None:
@@ -385,6 +403,7 @@ class Worker:
         if not alive:
             tx.set_status("completed")
             self.report.status = "completed"
+            self._completed = True
             return None
         t = tx.now()
         running = [int(r.state["step"]) for r in alive if r.state["status"] == "running"]
@@ -547,7 +566,55 @@ class Worker:
                 release_held(tx, self.id.__eq__)
         except Exception:
             pass
+        if self._completed:
+            from poptune.execution.tidy import tidy_checkpoints
+
+            # Nobody can commit into a completed run: files of uncommitted stretches go.
+            with contextlib.suppress(Exception):
+                tidy_checkpoints(self.storage, self.name, self.ckpts)
         self.storage.close()
+
+
+#: How often a worker process looks whether its parent is still there (`ParentWatch`).
+PARENT_POLL_SECONDS = 0.5
+
+#: How long a worker process whose parent is gone may take to stop between steps before it
+#: ends itself in the middle of one (`ParentWatch`).
+PARENT_GRACE_SECONDS = 5.0
+
+#: The exit status of a worker process that ended itself in the middle of a step.
+PARENT_GONE_EXIT = 3
+
+
+class ParentWatch:
+    """Stops a worker process whose parent (the driver) is gone, even during a long step.
+
+    A daemon thread looks every `PARENT_POLL_SECONDS`; once the parent is gone it sets the
+    worker's ``stop`` event (the worker stops after its current step, dropping the stretch).
+    A step can take minutes, and a resumed driver waits for the members this worker holds:
+    if the worker has not stopped `PARENT_GRACE_SECONDS` later, the thread releases what the
+    worker holds and ends the process (``os._exit``). What it had not committed is lost,
+    never half-committed: a commit is one transaction. Set ``done`` once the worker stopped.
+    """
+
+    def __init__(self, worker: Worker, parent_pid: int) -> None:
+        self.worker, self.parent = worker, parent_pid
+        self.done = threading.Event()
+        thread = threading.Thread(target=self._run, name="poptune-parent-watch", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        while os.getppid() == self.parent:
+            if self.done.wait(PARENT_POLL_SECONDS):
+                return
+        worker = self.worker
+        worker.report.stopped = True
+        worker.stopping.set()
+        if self.done.wait(PARENT_GRACE_SECONDS):
+            return
+        with contextlib.suppress(Exception), committing(worker.storage, worker.name) as tx:
+            release_held(tx, worker.id.__eq__)
+        os._exit(PARENT_GONE_EXIT)
 
 
 #: The share of a worker's time its commits may take before it claims larger batches than its

@@ -695,6 +695,63 @@ class CheckpointStore:
                 removed += 1
         return removed
 
+    def collect_unreferenced(self, run: str, referenced: Collection[str]) -> int:
+        """Deletes ``run``'s checkpoint files whose locations are not in ``referenced``;
+        returns how many.
+
+        Only the ``.ckpt`` files directly inside the run's ``member-*`` folders are looked at:
+        temporary files (`cleanup_temporary`), the run folder's own files and anything else
+        are left alone. A saved checkpoint is referenced only once its worker commits it, so
+        call this only when no worker can commit into ``run`` any more (the run is over, or
+        none of its workers is alive).
+
+        Raises:
+            ValueError: ``run`` is not a safe run name.
+        """
+        check_run_name(run)
+        keep = set(referenced)
+        removed = 0
+        for location in self._checkpoint_files(run):
+            if location in keep:
+                continue
+            try:
+                if self._fs is None:
+                    os.remove(self._local_path(location))
+                else:
+                    self._fs.rm(self._remote_path(location))
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
+
+    def _checkpoint_files(self, run: str) -> list[str]:
+        """The locations of the ``.ckpt`` files in ``run``'s ``member-*`` folders."""
+        found: list[str] = []
+        if self._fs is None:
+            try:
+                with os.scandir(os.path.join(self._root, run)) as entries:
+                    folders = list(entries)
+            except FileNotFoundError:
+                return []
+            for folder in folders:
+                if not (folder.name.startswith("member-") and folder.is_dir(follow_symlinks=False)):
+                    continue
+                with os.scandir(folder.path) as files:
+                    found += [
+                        f"{run}/{folder.name}/{f.name}"
+                        for f in files
+                        if _is_checkpoint_name(f.name) and f.is_file(follow_symlinks=False)
+                    ]
+            return found
+        top = f"{self._root}/{run}"
+        if not self._fs.exists(top):
+            return []
+        for path in self._fs.find(top):
+            parts = posixpath.relpath(str(path), top).split("/")
+            if len(parts) == 2 and parts[0].startswith("member-") and _is_checkpoint_name(parts[1]):
+                found.append(f"{run}/{parts[0]}/{parts[1]}")
+        return found
+
     def _save_local(self, directory: str, stem: str, state: object) -> tuple[str, int, Format]:
         folder = os.path.join(self._root, *directory.split("/"))
         self._make_local_dir(folder)
@@ -808,6 +865,11 @@ def _non_negative(name: str, value: int) -> int:
     if number < 0:
         raise ValueError(f"`{name}` must be an int >= 0, but got {name}={value!r}.")
     return number
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """Whether a file name is a saved checkpoint's (not a temporary file's)."""
+    return name.endswith(".ckpt") and not name.startswith(_TMP_PREFIX)
 
 
 def _remove_quietly(path: str) -> None:
