@@ -21,7 +21,8 @@ An exception raised by user code in stages 2 to 5 (``load_state_dict``, ``set_hp
 ``step``, ``state_dict``) takes one path, `Lifecycle.record_failure`: retried from the last
 checkpoint up to ``max_retries`` times, then the member fails for good and a copy of a top
 member replaces it; more than ``max_failures`` members failing for good stops the run. A
-configuration error (a metric ``step()`` never returns) stops the run at once.
+configuration error (a metric ``step()`` never returns, an explore strategy that returns
+hyperparameters outside the space) stops the run at once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from poptune.storage.base import (
     Storage,
     Transaction,
 )
+from poptune.strategies.explore import ExploreError
 from poptune.trainable import MemberContext, Trainable, worker_device
 
 if TYPE_CHECKING:
@@ -519,13 +521,26 @@ class _Stop(RunFailed):
 @contextlib.contextmanager
 def committing(storage: Storage, name: str) -> Iterator[Transaction]:
     """A run transaction that commits even when the failure policy stops the run in it (the
-    run's failed status and the failure record must be kept), with Ctrl-C held back."""
+    run's failed status and the failure record must be kept), with Ctrl-C held back.
+
+    A configuration error raised in it (an explore strategy returning hyperparameters outside
+    the space, in a commit's decisions) rolls it back and marks the run failed in a
+    transaction of its own: every worker would make the same decision and fail the same way,
+    so retrying it (or restarting the worker) cannot help.
+    """
     stop: _Stop | None = None
-    with deferred_interrupts(), storage.transaction(name) as tx:
-        try:
-            yield tx
-        except _Stop as e:
-            stop = e
+    try:
+        with deferred_interrupts(), storage.transaction(name) as tx:
+            try:
+                yield tx
+            except _Stop as e:
+                stop = e
+    except (ConfigurationError, ExploreError) as e:
+        cause = e.__cause__
+        trace = "" if cause is None else "\n\n" + "".join(traceback.format_exception(cause))
+        stop = _Stop(f"Run {name!r} stopped by a configuration error: {e}{trace}")
+        with deferred_interrupts(), storage.transaction(name) as tx:
+            tx.set_status("failed", str(stop))
     if stop is not None:
         raise RunFailed(str(stop)) from None
 
