@@ -221,6 +221,42 @@ def test_an_explore_function_out_of_the_space_stops_the_run_naming_it() -> None:
     assert run is not None and run.status == "failed" and "'too_far'" in (run.error or "")
 
 
+@pytest.mark.parametrize(
+    ("returned", "needle"),
+    [
+        ({"score": None}, r"metric 'score'.*'score': None \(NoneType\)"),
+        ({"score": "0.5x"}, r"metric 'score'.*'score': '0\.5x' \(str\)"),
+        ({"score": 1.0, "acc": "high"}, r"metric 'acc'.*'acc': 'high' \(str\)"),
+        (None, r"a number or a dict of numbers, but returned None"),
+    ],
+)
+def test_a_metric_that_is_not_a_number_stops_the_run_at_once_naming_it(
+    returned: Any, needle: str
+) -> None:
+    """step() returning None or a string for a metric is a configuration error: the run
+    stops at the first step, with one failure recorded and a message naming the metric and
+    the value. Before, it was retried max_retries times per member and the message did not
+    name the metric."""
+
+    class Wordy(pt.Trainable):
+        def step(self) -> Any:
+            return returned
+
+        def state_dict(self) -> object:
+            return 0
+
+        def load_state_dict(self, state: Any) -> None:
+            pass
+
+    exp = pt.Experiment(Wordy, {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=4, interval=2)
+    store = open_storage("memory://")
+    with pytest.raises(pt.RunFailed, match=needle):
+        exp.run(store, "r", options=pt.RunOptions(max_retries=5))
+    assert len(store.failures("r")) == 1
+    run = store.get_run("r")
+    assert run is not None and run.status == "failed"
+
+
 def test_a_member_knows_its_context(env: Any) -> None:
     """The trainable is told its run, member id, worker and starting step before it trains."""
     seen: list[pt.MemberContext] = []

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigurationError",
     "Lifecycle",
+    "MetricInvalid",
     "MetricMissing",
     "TrainableCache",
     "Trained",
@@ -79,6 +80,10 @@ class ConfigurationError(ValueError):
 
 class MetricMissing(ConfigurationError):
     """``step()`` did not return the experiment's metric."""
+
+
+class MetricInvalid(ConfigurationError, TypeError):
+    """``step()`` returned something that is not a number where a metric must be one."""
 
 
 # -- pure rules ----------------------------------------------------------------------------------
@@ -118,10 +123,11 @@ def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:
         MetricMissing: A dict without the experiment's metric (a NaN *value* is a score; a
             missing key is a configuration error that would silently turn PBT into random
             search).
-        TypeError: Not a number or a dict of numbers.
+        MetricInvalid: Not a number or a dict of numbers (``None``, a string...): the same
+            code returns the same kind of value when retried, so the run stops at once.
     """
     if isinstance(raw, Mapping):
-        metrics = {str(k): float(v) for k, v in raw.items()}
+        metrics = {str(k): _number(v, str(k)) for k, v in raw.items()}
         score = metrics.get(metric)
         if score is None:
             raise MetricMissing(
@@ -129,13 +135,25 @@ def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:
                 f"{sorted(metrics)}. Set metric= to one of them, or return {metric!r}."
             )
         return metrics, score
-    try:
-        score = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"step() must return a number or a dict of numbers, but returned {raw!r}."
-        ) from None
+    score = _number(raw, None)
     return {metric: score}, score
+
+
+def _number(value: object, key: str | None) -> float:
+    """``value`` as a float; a string is refused even when it reads as one."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        if key is None:
+            what = f"step() must return a number or a dict of numbers, but returned {value!r}."
+        else:
+            what = (
+                f"step() must return a number for the metric {key!r}, but returned "
+                f"{key!r}: {value!r} ({type(value).__name__})."
+            )
+        raise MetricInvalid(what) from None
 
 
 def build_member(experiment: Experiment, member: int, hparams: Mapping[str, Any]) -> Trainable:
