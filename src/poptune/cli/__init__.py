@@ -138,7 +138,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="seconds without a heartbeat before a worker is presumed dead (default 30)",
+        help="seconds without a heartbeat before a worker is presumed dead (default: the "
+        "run's, when it has one; else 30)",
     )
     p.add_argument(
         "--no-progress",
