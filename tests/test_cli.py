@@ -390,6 +390,25 @@ def test_expected_failures_print_one_line(
     assert not (tmp_path / "absent.db").exists()
 
 
+def test_a_failing_storage_is_one_line_naming_it_and_how_to_resume(tmp_path: Path) -> None:
+    """A storage that refuses writes (here a read-only SQLite database; a PostgreSQL server
+    that went down or a full disk fail the same way) prints one line naming the storage,
+    without its password, and the command that continues the run; no traceback unless
+    POPTUNE_DEBUG is set. It used to print "unexpected OperationalError" after a traceback."""
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    read_only = "sqlite:///file:poptune.db?mode=ro&uri=true"
+    args = ("run", "exp.py", "--name", "more", "--no-progress", "--storage", read_only)
+    line = assert_one_line_error(poptune(*args, cwd=tmp_path))
+    assert line.startswith(
+        f"poptune: error: Storage {read_only} failed: attempt to write a readonly database."
+    )
+    assert line.endswith(f"`poptune resume more --storage '{read_only}'`.")
+    debug = poptune(*args, cwd=tmp_path, env={"POPTUNE_DEBUG": "1"})
+    assert "Traceback" in debug.stderr and debug.returncode == 1
+    assert debug.stderr.strip().splitlines()[-1] == line
+
+
 def test_resume_refuses_a_run_started_from_python(tmp_path: Path) -> None:
     """`resume` explains that a run started from Python has no file to load it from."""
     exp = pt.Experiment(
