@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve live views of every run in a storage, in a browser",
         description="Serves the report's views for every run in the storage, refreshed while "
         "runs progress (pip install 'poptune[dashboard]'). Binds 127.0.0.1 unless --host says "
-        "otherwise: anyone who can reach the port can read the runs.",
+        "otherwise: anyone who can reach the port can read the runs. Answers only requests "
+        "naming 127.0.0.1, localhost, [::1] or the --host (any name for 0.0.0.0).",
     )
     _add_storage(p)
     p.add_argument(
