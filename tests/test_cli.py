@@ -21,6 +21,7 @@ import pytest
 import poptune as pt
 from poptune.export import result_to_json
 from poptune.result import HistoryRecord, MemberRecord, Result
+from poptune.storage import open_storage
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_quadratic.py"
 
@@ -389,6 +390,25 @@ def test_expected_failures_print_one_line(
     assert not (tmp_path / "absent.db").exists()
 
 
+def test_a_failing_storage_is_one_line_naming_it_and_how_to_resume(tmp_path: Path) -> None:
+    """A storage that refuses writes (here a read-only SQLite database; a PostgreSQL server
+    that went down or a full disk fail the same way) prints one line naming the storage,
+    without its password, and the command that continues the run; no traceback unless
+    POPTUNE_DEBUG is set. It used to print "unexpected OperationalError" after a traceback."""
+    tiny(tmp_path / "exp.py")
+    assert poptune("run", "exp.py", "--no-progress", cwd=tmp_path).returncode == 0
+    read_only = "sqlite:///file:poptune.db?mode=ro&uri=true"
+    args = ("run", "exp.py", "--name", "more", "--no-progress", "--storage", read_only)
+    line = assert_one_line_error(poptune(*args, cwd=tmp_path))
+    assert line.startswith(
+        f"poptune: error: Storage {read_only} failed: attempt to write a readonly database."
+    )
+    assert line.endswith(f"`poptune resume more --storage '{read_only}'`.")
+    debug = poptune(*args, cwd=tmp_path, env={"POPTUNE_DEBUG": "1"})
+    assert "Traceback" in debug.stderr and debug.returncode == 1
+    assert debug.stderr.strip().splitlines()[-1] == line
+
+
 def test_resume_refuses_a_run_started_from_python(tmp_path: Path) -> None:
     """`resume` explains that a run started from Python has no file to load it from."""
     exp = pt.Experiment(
@@ -397,6 +417,30 @@ def test_resume_refuses_a_run_started_from_python(tmp_path: Path) -> None:
     exp.run(f"sqlite:///{tmp_path / 'poptune.db'}", "frompython")
     line = assert_one_line_error(poptune("resume", "frompython", cwd=tmp_path))
     assert "was not started with `poptune run`" in line
+
+
+def test_resume_keeps_the_recorded_heartbeat_timeout_unless_given(tmp_path: Path) -> None:
+    """`poptune resume RUN` without --heartbeat-timeout keeps the one the run was started
+    with (it used to write the default 30 over it, and workers on other machines then
+    judged each other by 30 s); --heartbeat-timeout replaces it."""
+    tiny(tmp_path / "exp.py")
+    url = f"sqlite:///{tmp_path / 'poptune.db'}"
+
+    def recorded() -> float:
+        with open_storage(url) as store:
+            info = store.get_run("exp")
+            assert info is not None
+            return float(info.execution["heartbeat_timeout"])
+
+    started = poptune("run", "exp.py", "--no-progress", "--heartbeat-timeout", "120", cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert recorded() == 120.0
+    resumed = poptune("resume", "exp", "--no-progress", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert recorded() == 120.0
+    told = poptune("resume", "exp", "--no-progress", "--heartbeat-timeout", "45", cwd=tmp_path)
+    assert told.returncode == 0, told.stderr
+    assert recorded() == 45.0
 
 
 # -- resume after a crash ----------------------------------------------------------------------

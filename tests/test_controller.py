@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import poptune as pt
+from poptune.strategies import ExploreError
 
 LR = {"lr": pt.Float(1e-3, 1e3, log=True)}
 NO_RESAMPLE = pt.Perturb(factors=(0.8, 1.2), resample_probability=0.0)
@@ -129,6 +130,35 @@ def test_no_exploit_no_explore_always_continues() -> None:
     pbt.report(1, 4, 100.0)
     assert pbt.tell(0, 4, 0.0).action == "continue"
     assert pbt.members[0].hparams == {"lr": 10.0}
+
+
+class _Broken(pt.Explore):
+    """An explore strategy that returns ``lr`` as given (NaN, or out of the space)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def __call__(self, hparams: Any, space: Any, rng: Any) -> tuple[dict[str, Any], dict]:
+        return {**hparams, "lr": self.lr}, {"lr": "broken"}
+
+
+@pytest.mark.parametrize(
+    ("lr", "needle"), [(math.nan, "finite number, but got nan"), (1e6, "but got 1000000.0")]
+)
+def test_an_explore_strategy_outside_the_space_raises_naming_it(lr: float, needle: str) -> None:
+    """What any strategy returns is checked against the space: a NaN or out-of-range value
+    raises ExploreError naming the strategy, the hyperparameter and the value (only explore
+    functions were checked; a strategy's NaN became a member's learning rate), and a
+    replacement that cannot explore leaves no half-made member behind."""
+    pbt = make(explore=_Broken(lr), initial_hparams=lrs(0.01, 100.0))
+    pbt.report(1, 4, 5.0)
+    with pytest.raises(ExploreError, match=rf"explore strategy _Broken.*'lr'.*{needle}"):
+        pbt.tell(0, 4, 1.0)
+    pbt = make(population_size=3, explore=_Broken(lr), initial_hparams=lrs(0.01, 100.0, 1.0))
+    pbt.report(1, 4, 5.0)
+    with pytest.raises(ExploreError, match="_Broken"):
+        pbt.replace(0)
+    assert sorted(pbt.members) == [0, 1, 2]
 
 
 # -- exploit bookkeeping --------------------------------------------------------------------

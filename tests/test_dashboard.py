@@ -37,7 +37,11 @@ def client(stored: str) -> Iterator[Any]:
 
     from poptune.report.dashboard import create_app
 
-    with open_storage(stored) as store, TestClient(create_app(store, refresh=1.0)) as c:
+    # Named as a browser on this machine names it (TestClient's own "testserver" is refused).
+    with (
+        open_storage(stored) as store,
+        TestClient(create_app(store, refresh=1.0), base_url="http://localhost:8050") as c,
+    ):
         yield c
 
 
@@ -62,6 +66,76 @@ def test_unknown_run_page_lists_the_runs(client: Any) -> None:
     missing = client.get("/runs/nope")
     assert missing.status_code == 404
     assert "No run named nope" in missing.text and 'href="/runs/done"' in missing.text
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("localhost:8050", True),
+        ("LOCALHOST", True),
+        ("127.0.0.1:80", True),
+        ("[::1]:8050", True),
+        ("evil.example", False),
+        ("evil.example:8050", False),
+        ("localhost.evil.example:8050", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost:evil", False),
+        ("", False),
+    ],
+)
+def test_only_loopback_host_names_are_served(client: Any, host: str, served: bool) -> None:
+    """A request naming any host but this machine's loopback names is refused with 400, so a
+    web page that renames its site to 127.0.0.1 (DNS rebinding) cannot read the runs through
+    the user's browser. The dashboard used to answer any Host."""
+    response = client.get("/runs/done/summary.json", headers={"Host": host})
+    if served:
+        assert response.status_code == 200 and response.json()["status"] == "completed"
+    else:
+        assert response.status_code == 400 and "completed" not in response.text
+
+
+def test_the_names_a_dashboard_answers_follow_where_it_is_bound() -> None:
+    """Bound to an address of a network, it answers that address too; bound to every
+    address, any name (it is open to whoever reaches it, and says so)."""
+    from poptune.report.dashboard import LOOPBACK_HOSTS, allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", "127.0.0.1") == LOOPBACK_HOSTS
+    assert allowed_hosts("localhost", "::1") == LOOPBACK_HOSTS
+    assert allowed_hosts("10.0.0.5", "10.0.0.5") == LOOPBACK_HOSTS | {"10.0.0.5"}
+    assert allowed_hosts("fd00::5", "fd00::5") == LOOPBACK_HOSTS | {"[fd00::5]"}
+    assert allowed_hosts("0.0.0.0", "0.0.0.0") is None
+
+
+def test_the_served_dashboard_refuses_another_host(stored: str, tmp_path: Path) -> None:
+    """End to end, `poptune dashboard` on a real socket: Host evil.example gets 400, Host
+    localhost:PORT the page."""
+    import http.client
+
+    dashboard = _spawn(["dashboard", "--storage", stored, "--port", "0"], tmp_path)
+    try:
+        assert dashboard.stdout is not None
+        line = dashboard.stdout.readline()
+        found = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
+        assert found, (line, dashboard.communicate())
+        port = int(found.group(1))
+
+        def get(host: str) -> tuple[int, str]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.putrequest("GET", "/", skip_host=True)
+                conn.putheader("Host", host)
+                conn.endheaders()
+                response = conn.getresponse()
+                return response.status, response.read().decode()
+            finally:
+                conn.close()
+
+        status, body = get("evil.example")
+        assert status == 400 and 'href="/runs/done"' not in body
+        status, body = get(f"localhost:{port}")
+        assert status == 200 and 'href="/runs/done"' in body
+    finally:
+        _stop(dashboard)
 
 
 def test_binds_this_machine_only_by_default() -> None:
@@ -212,7 +286,10 @@ def test_a_run_is_read_again_only_when_it_changed(
         return real(store, name, **kw)
 
     monkeypatch.setattr(data, "read_report", counting)
-    with open_storage(stored) as store, TestClient(create_app(store)) as c:
+    with (
+        open_storage(stored) as store,
+        TestClient(create_app(store), base_url="http://127.0.0.1:8050") as c,
+    ):
         for _ in range(3):
             assert c.get("/runs/done/section").status_code == 200
         assert reads == ["done"]
@@ -245,7 +322,7 @@ def test_a_run_slow_to_read_is_read_at_most_a_tenth_of_the_time(
     monkeypatch.setattr(data, "read_report", slow)
     with (
         open_storage(stored) as store,
-        TestClient(create_app(store, clock=lambda: now[0])) as c,
+        TestClient(create_app(store, clock=lambda: now[0]), base_url="http://[::1]:8050") as c,
     ):
         first = c.get("/runs/done/section").text
         version = c.get("/runs/done/version").text

@@ -38,6 +38,8 @@ def rng(seed: int = 0) -> np.random.Generator:
         (pt.Choice([1, 2, 1]), "must be distinct; 1 repeats"),
         (pt.Choice([1, 1.0]), "must be distinct"),
         (pt.Choice(["a", "b", "a"]), "must be distinct; 'a' repeats"),
+        (pt.Choice([1.0, math.nan]), "Choice values must not be NaN, but got [1.0, nan]"),
+        (pt.Choice(["a", np.float32("nan")]), "must not be NaN"),
         (pt.Float(0.0, 1.0, perturb="add"), "`perturb` must be 'auto', 'multiply' or 'shift'"),  # type: ignore[arg-type]
     ],
 )

@@ -38,7 +38,9 @@ Semantics, each one a trap that bit another library:
   member's step *is* the donor's step, its next ready point is counted from there, and its
   latest score, score window and ready-point record are the donor's (a score measures the
   weights, which are now the donor's).
-* Explore always starts from the donor's hyperparameters.
+* Explore always starts from the donor's hyperparameters, and what it returns must be in the
+  space: a strategy that returns a value out of range or not finite, or that raises, makes
+  `decide` (or `replace`) raise `poptune.strategies.ExploreError`, a configuration error.
 * NaN, infinite and missing scores rank worst; exact ties are broken at random; fewer than two
   scored members means no exploit.
 * Randomness: every decision draws from its own ``numpy.random.Generator`` derived from
@@ -59,7 +61,7 @@ import numpy as np
 
 from poptune.space import Parameter, Space
 from poptune.strategies.exploit import Candidate, Exploit, Truncation, TTest
-from poptune.strategies.explore import Explore, Perturb, as_explore
+from poptune.strategies.explore import Explore, Perturb, as_explore, explore_checked
 
 __all__ = ["PBT", "Decision", "MemberState"]
 
@@ -429,12 +431,12 @@ class PBT:
             )
         top = ranked[: max(1, math.ceil(0.2 * len(ranked)))]
         donor = self.members[top[int(rng.integers(len(top)))].id]
-        new = MemberState(id=new_id, hparams=dict(donor.hparams), replaces=failed)
-        self.members[new_id] = new
         hparams: dict[str, Any] = dict(donor.hparams)
         ops: dict[str, str] = {}
-        if self.explore is not None:
-            hparams, ops = self.explore(donor.hparams, self.space, rng)
+        if self.explore is not None:  # first: a strategy that raises leaves no new member
+            hparams, ops = explore_checked(self.explore, donor.hparams, self.space, rng)
+        new = MemberState(id=new_id, hparams=dict(donor.hparams), replaces=failed)
+        self.members[new_id] = new
         decision = Decision(
             "exploit",
             new_id,
@@ -534,12 +536,12 @@ class PBT:
             hparams = dict(donor["hparams"])
             ops: dict[str, str] = {}
             if self.explore is not None:
-                hparams, ops = self.explore(donor["hparams"], self.space, rng)
+                hparams, ops = explore_checked(self.explore, donor["hparams"], self.space, rng)
             self._adopt(m, donor, hparams)
             return Decision("exploit", m.id, step, donor_id, donor["score_step"], hparams, old, ops)
         m.last_ready = m.step
         if self.exploit is None and self.explore is not None:
-            hparams, ops = self.explore(m.hparams, self.space, rng)
+            hparams, ops = explore_checked(self.explore, m.hparams, self.space, rng)
             m.hparams = hparams
             return Decision("explore", m.id, step, m.id, step, hparams, old, ops)
         return Decision("continue", m.id, step)

@@ -270,6 +270,12 @@ class Choice(Parameter):
             raise ValueError(
                 f"Parameter {name!r}: a Choice needs at least one value, but got none."
             )
+        if any(_is_number(v) and math.isnan(float(v)) for v in self.values):
+            # NaN equals nothing, itself included: no member given it could be validated,
+            # restored or compared again.
+            raise ValueError(
+                f"Parameter {name!r}: Choice values must not be NaN, but got {list(self.values)!r}."
+            )
         seen: list[Any] = []
         for v in self.values:
             if any(_same(v, s) for s in seen):

@@ -127,6 +127,38 @@ def test_sigkill_whole_run_then_resume(env: Any, tmp_path: Path) -> None:
     assert store.get_run("r").status == "completed"
 
 
+def test_a_driver_that_fails_stops_its_workers_and_marks_the_run_interrupted(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the processes executor's own process fails (here its storage raises while it
+    starts the second worker), its workers stop and the run is marked interrupted, so that
+    `poptune resume` finds it as it is. Before, only Ctrl-C did that: the error left the run
+    "running" and the first worker training on with nobody watching it."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from poptune.execution import processes
+
+    env(delay=0.01, pop=4, steps=40, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+
+    def devices_then_failure(workers: int, devices: Any) -> Any:
+        yield None  # the first worker starts
+        wait_for_results(url, "r", 5)  # and trains
+        raise sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(processes, "assign_devices", devices_then_failure)
+    with pytest.raises(sa.exc.OperationalError, match="disk I/O error"):
+        experiment().run(url, "r", workers=2, source=SOURCE)
+    assert multiprocessing.active_children() == []
+    with open_storage(url) as store:
+        assert store.get_run("r").status == "interrupted"
+        assert all(m.owner is None for m in store.members("r"))
+    monkeypatch.undo()
+    check_complete(experiment().run(url, "r", workers=2, source=SOURCE), 40, 4)
+
+
 def test_serial_run_killed_and_resumed_has_identical_history(env: Any, tmp_path: Path) -> None:
     """Same seed, serial executor: killed with SIGKILL and resumed, the history and lineage are
     exactly those of a run never interrupted."""

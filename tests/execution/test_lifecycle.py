@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -172,6 +173,88 @@ def test_run_at_top_level_without_main_guard_fails_and_says_why(tmp_path: Path) 
     assert "returned" not in done.stdout
     assert 'if __name__ == "__main__":' in done.stderr
     assert open_storage(f"sqlite:///{tmp_path}/runs.db").get_run("r").status == "interrupted"
+
+
+@pytest.mark.parametrize("workers", EXECUTORS)
+def test_an_explore_strategy_returning_nan_stops_the_run_naming_it(
+    env: Any, tmp_path: Path, workers: int
+) -> None:
+    """An explore strategy whose hyperparameters are not in the space (a NaN learning rate)
+    is a configuration error: the run stops at once, marked failed, with a message naming
+    the strategy, the hyperparameter and the value, under every executor. Before, the serial
+    executor trained on with lr=NaN, and worker processes raised inside their commit, died
+    and were restarted until the run was given up as interrupted."""
+    env(explore="nan", steps=20, delay=0.001 if workers > 1 else 0)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    with pytest.raises(pt.RunFailed, match=r"NaNExplore.*'lr'.*nan") as info:
+        experiment().run(url, "r", workers=workers, source=SOURCE)
+    assert "Traceback" not in str(info.value)
+    with open_storage(url) as store:
+        run = store.get_run("r")
+        assert run is not None and run.status == "failed"
+        assert run.error is not None and "NaNExplore" in run.error and "'lr'" in run.error
+        # Nothing of the refused commit was kept: no member took the NaN.
+        assert all(math.isfinite(m.state["hparams"]["lr"]) for m in store.members("r"))
+
+
+def test_an_explore_function_out_of_the_space_stops_the_run_naming_it() -> None:
+    """A plain explore function that moves a hyperparameter out of its range stops the run
+    (failed) with a message naming the function, the hyperparameter and the value; it used to
+    end the run as interrupted, as if Ctrl-C had been pressed."""
+
+    def too_far(hparams: dict[str, Any], rng: Any) -> dict[str, Any]:
+        return {**hparams, "lr": 5.0}
+
+    exp = pt.Experiment(
+        pt.trainable(lambda hp, seed: 0.0, lambda x, hp: (x + hp["lr"], x + hp["lr"])),
+        {"lr": pt.Float(0.1, 1.0)},
+        population_size=3,
+        steps=8,
+        interval=2,
+        exploit=pt.Truncation(0.34),
+        explore=too_far,
+    )
+    store = open_storage("memory://")
+    with pytest.raises(pt.RunFailed, match=r"'too_far'.*'lr'.*5\.0"):
+        exp.run(store, "r")
+    run = store.get_run("r")
+    assert run is not None and run.status == "failed" and "'too_far'" in (run.error or "")
+
+
+@pytest.mark.parametrize(
+    ("returned", "needle"),
+    [
+        ({"score": None}, r"metric 'score'.*'score': None \(NoneType\)"),
+        ({"score": "0.5x"}, r"metric 'score'.*'score': '0\.5x' \(str\)"),
+        ({"score": 1.0, "acc": "high"}, r"metric 'acc'.*'acc': 'high' \(str\)"),
+        (None, r"a number or a dict of numbers, but returned None"),
+    ],
+)
+def test_a_metric_that_is_not_a_number_stops_the_run_at_once_naming_it(
+    returned: Any, needle: str
+) -> None:
+    """step() returning None or a string for a metric is a configuration error: the run
+    stops at the first step, with one failure recorded and a message naming the metric and
+    the value. Before, it was retried max_retries times per member and the message did not
+    name the metric."""
+
+    class Wordy(pt.Trainable):
+        def step(self) -> Any:
+            return returned
+
+        def state_dict(self) -> object:
+            return 0
+
+        def load_state_dict(self, state: Any) -> None:
+            pass
+
+    exp = pt.Experiment(Wordy, {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=4, interval=2)
+    store = open_storage("memory://")
+    with pytest.raises(pt.RunFailed, match=needle):
+        exp.run(store, "r", options=pt.RunOptions(max_retries=5))
+    assert len(store.failures("r")) == 1
+    run = store.get_run("r")
+    assert run is not None and run.status == "failed"
 
 
 def test_a_member_knows_its_context(env: Any) -> None:

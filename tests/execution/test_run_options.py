@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 import poptune as pt
 from poptune import RunOptions
+from poptune.storage import open_storage
 
 FIELDS = (
     "max_retries",
@@ -183,3 +186,47 @@ def test_a_retried_error_does_not_use_up_the_failure_budget() -> None:
     result = fragile_experiment().run(options=RunOptions(max_retries=1, max_failures=0))
     assert Fragile.raised  # it did fail once
     assert all(m.status == "finished" and m.step == 8 for m in result.members)
+
+
+def test_only_a_given_heartbeat_timeout_counts_as_chosen() -> None:
+    """The default timeout is 30 but not chosen; 30 passed explicitly is; so it stays after
+    `replace` of another field and a pickle round trip (options travel to workers)."""
+    assert RunOptions().heartbeat_timeout == 30.0
+    assert not RunOptions().heartbeat_timeout_given
+    assert RunOptions(heartbeat_timeout=30).heartbeat_timeout_given
+    assert not replace(RunOptions(), max_retries=5).heartbeat_timeout_given
+    assert not pickle.loads(pickle.dumps(RunOptions())).heartbeat_timeout_given
+
+
+def test_resume_keeps_the_recorded_heartbeat_timeout_unless_one_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with heartbeat_timeout=120 is resumed with 120, recorded and used, when
+    the options given do not set one (they used to put the default 30 back); a timeout given
+    explicitly, even the default's value, replaces it."""
+    from poptune.execution import serial
+
+    used: list[float] = []
+    real = serial.run_serial
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        used.append(args[4].heartbeat_timeout)  # (experiment, storage, name, ckpts, options)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(serial, "run_serial", spy)
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    exp = fragile_experiment()
+    Fragile.raised, Fragile.always = set(), False
+    exp.run(url, "r", options=RunOptions(heartbeat_timeout=120.0, max_retries=1))
+    for steps, options, expected in [
+        (10, RunOptions(max_retries=1), 120.0),
+        (12, None, 120.0),
+        (14, RunOptions(max_retries=1, heartbeat_timeout=30.0), 30.0),
+    ]:
+        exp.replace(steps=steps).run(url, "r", resume=True, options=options)
+        assert pt.load(url, "r").members[0].step == steps
+        with open_storage(url) as store:
+            run = store.get_run("r")
+            assert run is not None and run.execution["heartbeat_timeout"] == expected
+        assert used[-1] == expected
+    assert used == [120.0, 120.0, 120.0, 30.0]

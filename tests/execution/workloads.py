@@ -16,6 +16,9 @@ holds x, its RNG and how many steps it has taken. It can:
   rounded to 0.01 (ties everywhere near the top) instead of x;
 * report the live instances in its process (metric ``live``; `close` ends one) and its
   math-library thread setting (metric ``omp``, from ``OMP_NUM_THREADS``).
+
+``WL_EXPLORE=nan`` makes the experiment explore with `NaNExplore`, a strategy that returns a
+NaN learning rate: a configuration error.
 """
 
 from __future__ import annotations
@@ -163,6 +166,15 @@ class Counter(pt.Trainable):
         self.steps = int(state["steps"])
 
 
+class NaNExplore(pt.Explore):
+    """A broken explore strategy: it sets ``lr`` to NaN."""
+
+    def __call__(
+        self, hparams: Mapping[str, Any], space: Any, rng: np.random.Generator
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        return {**hparams, "lr": float("nan")}, {"lr": "broken"}
+
+
 def counter() -> pt.Experiment:
     """The experiment the environment describes."""
     return pt.Experiment(
@@ -172,7 +184,7 @@ def counter() -> pt.Experiment:
         steps=int(_env("WL_STEPS", "40")),
         interval=int(_env("WL_INTERVAL", "5")),
         exploit=pt.Truncation(0.25),
-        explore=pt.Perturb(),
+        explore=NaNExplore() if _env("WL_EXPLORE", "") == "nan" else pt.Perturb(),
         synchronous=_env("WL_SYNC", "0") == "1",
         seed=int(_env("WL_SEED", "0")),
     )

@@ -14,8 +14,9 @@
     poptune delete toy_quadratic                     # its rows and checkpoint folder, once asked
 
 Every command's ``--storage`` defaults to ``$POPTUNE_STORAGE``, else ``sqlite:///poptune.db``.
-Expected failures print one line, ``poptune: error: ...``, and exit with 2 (bad usage) or 1
-(anything else); passwords in storage URLs never appear in the output.
+Expected failures (a storage that is down, read-only or full among them) print one line,
+``poptune: error: ...``, and exit with 2 (bad usage) or 1 (anything else); ``POPTUNE_DEBUG=1``
+prints their traceback too. Passwords in storage URLs never appear in the output.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from poptune.cli._common import (
     _error_line,
     _positive_int,
     _scrub,
+    _storage_failed,
+    _storage_failure,
+    _storage_url,
 )
 from poptune.cli.dashboard import cmd_dashboard
 from poptune.cli.delete import cmd_delete
@@ -138,7 +142,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="seconds without a heartbeat before a worker is presumed dead (default 30)",
+        help="seconds without a heartbeat before a worker is presumed dead (default: the "
+        "run's, when it has one; else 30)",
     )
     p.add_argument(
         "--no-progress",
@@ -311,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve live views of every run in a storage, in a browser",
         description="Serves the report's views for every run in the storage, refreshed while "
         "runs progress (pip install 'poptune[dashboard]'). Binds 127.0.0.1 unless --host says "
-        "otherwise: anyone who can reach the port can read the runs.",
+        "otherwise: anyone who can reach the port can read the runs. Answers only requests "
+        "naming 127.0.0.1, localhost, [::1] or the --host (any name for 0.0.0.0).",
     )
     _add_storage(p)
     p.add_argument(
@@ -357,9 +363,29 @@ def _storage_args(argv: Sequence[str]) -> list[str]:
     return [a.partition("=")[2] if a.startswith("--") else a for a in argv if "://" in a]
 
 
-def _fail(message: str, code: int) -> int:
+#: Set (to anything but 0) to see the traceback of an expected failure too.
+DEBUG_ENV = "POPTUNE_DEBUG"
+
+
+def _fail(message: str, code: int, error: BaseException | None = None) -> int:
+    if error is not None and os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+        print(_scrub(_traceback(error)), file=sys.stderr)
     print(_error_line(message), file=sys.stderr)
     return code
+
+
+def _traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+
+
+def _storage_of(args: argparse.Namespace | None) -> str | None:
+    """The command's storage URL, if it has one that can be told."""
+    if args is None or not hasattr(args, "storage"):
+        return None
+    try:
+        return _storage_url(args)
+    except Exception:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -380,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (ValueError, str, RUNTIME),
         (OSError, lambda e: f"{type(e).__name__}: {e}", RUNTIME),
     ]
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(args_list)
         code: int = args.func(args)
@@ -396,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         for kind, describe, default in handlers:
             if isinstance(e, kind):
-                return _fail(describe(e), e.code if isinstance(e, CLIError) else default)
+                return _fail(describe(e), e.code if isinstance(e, CLIError) else default, e)
+        reason = _storage_failure(e)
+        if reason is not None:  # the database, not poptune: no traceback unless asked
+            return _fail(_storage_failed(_storage_of(args), reason), RUNTIME, e)
         # A bug, not an expected failure: its traceback helps, once the passwords are gone.
-        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        print(_scrub(text.rstrip()), file=sys.stderr)
+        print(_scrub(_traceback(e)), file=sys.stderr)
         return _fail(f"unexpected {type(e).__name__}: {e}", RUNTIME)

@@ -64,6 +64,34 @@ def _error_line(message: str) -> str:
     return "poptune: error: " + _scrub(_first_line(message))
 
 
+def _storage_failure(e: BaseException) -> str | None:
+    """Why the storage failed, when ``e`` says it did (a database server that is down or went
+    away, a read-only database, a full disk), else None."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return _first_line(str(e.orig)) or type(e.orig).__name__
+    if isinstance(e, sqlite3.OperationalError):
+        return _first_line(str(e)) or type(e).__name__
+    return None
+
+
+def _storage_failed(url: str | None, reason: str, name: str | None = None) -> str:
+    """One line: which storage failed and why (no password), and, for a run, how to go on."""
+    where = f"Storage {_redact(url)}" if url else "The storage"
+    line = f"{where} failed: {reason.rstrip('.')}."
+    if name is not None:
+        line += (
+            " What was committed before is kept; once the storage works again, continue with "
+            f"`poptune resume {name}{_storage_flag(url)}`."
+            if url
+            else f" Continue with `poptune resume {name} --storage URL` once it works again."
+        )
+    return line
+
+
 def _stdout() -> Console:
     from rich.console import Console
 

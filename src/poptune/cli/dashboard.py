@@ -17,7 +17,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 0..65535, but got {args.port}.", USAGE)
     if not args.refresh > 0:
         raise CLIError(f"--refresh must be > 0 seconds, but got {args.refresh}.", USAGE)
-    from poptune.report.dashboard import _dependencies, bind, serve
+    from poptune.report.dashboard import _dependencies, allowed_hosts, bind, serve
 
     _dependencies()  # a missing extra is said before anything is opened
     url = _storage_url(args)
@@ -41,7 +41,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                 flush=True,
             )
         try:
-            serve(store, sock, refresh=args.refresh)
+            # Requests naming another host are refused (DNS rebinding): see the module's doc.
+            hosts = allowed_hosts(args.host, host)
+            serve(store, sock, refresh=args.refresh, hosts=hosts)
         finally:
             sock.close()
     return 0

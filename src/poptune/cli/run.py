@@ -24,6 +24,8 @@ from poptune.cli._common import (
     _scrub,
     _split_source,
     _stdout,
+    _storage_failed,
+    _storage_failure,
     _storage_flag,
     _storage_url,
 )
@@ -138,6 +140,12 @@ def _train(
     except RunFailed as e:
         first = _first_line(str(e)).rstrip(":")
         raise CLIError(f"{first}; see `poptune status {name}{_storage_flag(url)}`") from None
+    except Exception as e:
+        reason = _storage_failure(e)
+        if reason is None:
+            raise
+        # The executor has marked the run interrupted where the storage still let it.
+        raise CLIError(_storage_failed(url, reason, name)) from e
     _summary(result, url, name, time.monotonic() - started, before=before)
     if args.tensorboard is not None:
         where = os.path.abspath(args.tensorboard)

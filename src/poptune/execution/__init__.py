@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.session import (
@@ -88,6 +89,9 @@ def execute(
     name = name or "run"
     existing = store.get_run(name)
     stored = existing.execution if existing else {}
+    if stored.get("heartbeat_timeout") is not None and not options.heartbeat_timeout_given:
+        # Resuming: the timeout the run's workers judge each other by stays as it was set.
+        options = replace(options, heartbeat_timeout=float(stored["heartbeat_timeout"]))
     workers, executor, devices = _how(stored, workers, executor, devices)
     if executor == "ray":
         resources, ray_address = _ray_how(stored, resources, ray_address, devices)
@@ -127,7 +131,7 @@ def execute(
                 "devices": devices,
                 # Every worker of the run judges the others by one timeout: `poptune worker`
                 # on another machine reads it here.
-                "heartbeat_timeout": options.heartbeat_timeout,
+                "heartbeat_timeout": float(options.heartbeat_timeout),
                 **(
                     {"resources": resources, "ray_address": ray_address}
                     if executor == "ray"

@@ -21,8 +21,8 @@ An exception raised by user code in stages 2 to 5 (``load_state_dict``, ``set_hp
 ``step``, ``state_dict``) takes one path, `Lifecycle.record_failure`: retried from the last
 checkpoint up to ``max_retries`` times, then the member fails for good and a copy of a top
 member replaces it; more than ``max_failures`` members failing for good stops the run. A
-configuration error (a metric ``step()`` never returns, a state that safe loading refuses)
-stops the run at once.
+configuration error (a metric ``step()`` never returns, a state that safe loading refuses,
+an explore strategy that returns hyperparameters outside the space) stops the run at once.
 
 What is not user code is never charged to a member:
 
@@ -67,6 +67,7 @@ from poptune.storage.base import (
     Transaction,
 )
 from poptune.storage.checkpoints import DamagedCheckpoint, UnsafeCheckpoint, checkpoint_owner
+from poptune.strategies.explore import ExploreError
 from poptune.trainable import MemberContext, Trainable, worker_device
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ __all__ = [
     "ConfigurationError",
     "InfrastructureError",
     "Lifecycle",
+    "MetricInvalid",
     "MetricMissing",
     "TrainableCache",
     "Trained",
@@ -101,6 +103,10 @@ class InfrastructureError(RunInterrupted):
 #: Seconds a worker waits before each new try of a checkpoint write that failed (`OSError`):
 #: a disk that fills up for a moment is no reason to stop a run.
 SAVE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class MetricInvalid(ConfigurationError, TypeError):
+    """``step()`` returned something that is not a number where a metric must be one."""
 
 
 # -- pure rules ----------------------------------------------------------------------------------
@@ -140,10 +146,11 @@ def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:
         MetricMissing: A dict without the experiment's metric (a NaN *value* is a score; a
             missing key is a configuration error that would silently turn PBT into random
             search).
-        TypeError: Not a number or a dict of numbers.
+        MetricInvalid: Not a number or a dict of numbers (``None``, a string...): the same
+            code returns the same kind of value when retried, so the run stops at once.
     """
     if isinstance(raw, Mapping):
-        metrics = {str(k): float(v) for k, v in raw.items()}
+        metrics = {str(k): _number(v, str(k)) for k, v in raw.items()}
         score = metrics.get(metric)
         if score is None:
             raise MetricMissing(
@@ -151,13 +158,25 @@ def read_metrics(raw: object, metric: str) -> tuple[dict[str, float], float]:
                 f"{sorted(metrics)}. Set metric= to one of them, or return {metric!r}."
             )
         return metrics, score
-    try:
-        score = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"step() must return a number or a dict of numbers, but returned {raw!r}."
-        ) from None
+    score = _number(raw, None)
     return {metric: score}, score
+
+
+def _number(value: object, key: str | None) -> float:
+    """``value`` as a float; a string is refused even when it reads as one."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        if key is None:
+            what = f"step() must return a number or a dict of numbers, but returned {value!r}."
+        else:
+            what = (
+                f"step() must return a number for the metric {key!r}, but returned "
+                f"{key!r}: {value!r} ({type(value).__name__})."
+            )
+        raise MetricInvalid(what) from None
 
 
 def build_member(experiment: Experiment, member: int, hparams: Mapping[str, Any]) -> Trainable:
@@ -656,13 +675,26 @@ class _Stop(RunFailed):
 @contextlib.contextmanager
 def committing(storage: Storage, name: str) -> Iterator[Transaction]:
     """A run transaction that commits even when the failure policy stops the run in it (the
-    run's failed status and the failure record must be kept), with Ctrl-C held back."""
+    run's failed status and the failure record must be kept), with Ctrl-C held back.
+
+    A configuration error raised in it (an explore strategy returning hyperparameters outside
+    the space, in a commit's decisions) rolls it back and marks the run failed in a
+    transaction of its own: every worker would make the same decision and fail the same way,
+    so retrying it (or restarting the worker) cannot help.
+    """
     stop: _Stop | None = None
-    with deferred_interrupts(), storage.transaction(name) as tx:
-        try:
-            yield tx
-        except _Stop as e:
-            stop = e
+    try:
+        with deferred_interrupts(), storage.transaction(name) as tx:
+            try:
+                yield tx
+            except _Stop as e:
+                stop = e
+    except (ConfigurationError, ExploreError) as e:
+        cause = e.__cause__
+        trace = "" if cause is None else "\n\n" + "".join(traceback.format_exception(cause))
+        stop = _Stop(f"Run {name!r} stopped by a configuration error: {e}{trace}")
+        with deferred_interrupts(), storage.transaction(name) as tx:
+            tx.set_status("failed", str(stop))
     if stop is not None:
         raise RunFailed(str(stop)) from None
 

@@ -41,7 +41,7 @@ from poptune.storage.base import Storage
 from poptune.trainable import set_worker_device
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from poptune.experiment import Experiment
 
@@ -175,7 +175,8 @@ def run_processes(
             could not start at all: a script that calls ``run()`` at its top level without an
             ``if __name__ == "__main__":`` guard is run again by every worker it spawns).
         KeyboardInterrupt: Ctrl-C, after the workers stopped and the run was marked
-            interrupted.
+            interrupted (so is it when this process fails otherwise, its storage down, say,
+            as far as the storage lets it).
     """
     payload = None
     if source is None:
@@ -243,16 +244,20 @@ def run_processes(
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
                     start(slots[pid])
-    except KeyboardInterrupt:
-        # A second Ctrl-C must not cut the clean-up short: the run would stay "running".
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+    except BaseException:
+        # Ctrl-C, or this process failing (its storage down, read-only or full): the workers
+        # stop, and the run is marked interrupted as far as the storage still lets it (else
+        # it would stay "running" with nobody training it). A second Ctrl-C must not cut the
+        # clean-up short.
+        with _ctrl_c_held():
             _stop_workers(procs)
-            for pid in procs:
-                _release_worker(storage, name, pid)
-            storage.update_run(name, status="interrupted")
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            with contextlib.suppress(Exception):
+                for pid in procs:
+                    _release_worker(storage, name, pid)
+            with contextlib.suppress(Exception):
+                info = storage.get_run(name)
+                if info is not None and info.status == "running":
+                    storage.update_run(name, status="interrupted")
         raise
     settle_run(
         storage,
@@ -260,6 +265,19 @@ def run_processes(
         f"Run {name!r}: every worker stopped before the run completed (more than "
         f"{max_restarts} died). Resume it with `poptune resume {name}`.",
     )
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ignores Ctrl-C in the block (main thread only: elsewhere there is none to ignore)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _NO_START = (

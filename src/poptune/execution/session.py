@@ -72,6 +72,12 @@ class CheckpointBackend(Protocol):
     def delete(self, location: str) -> None: ...
 
 
+class _DefaultSeconds(float):
+    """A default number of seconds: a float that remembers nobody chose it."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a run is executed (none of this changes its results).
@@ -98,9 +104,11 @@ class RunOptions:
     """Checkpoints kept per member (>= 1); those a member's state still refers to are kept
     too."""
 
-    heartbeat_timeout: float = 30.0
+    heartbeat_timeout: float = _DefaultSeconds(30.0)
     """Seconds without a heartbeat after which a member's worker is presumed dead and the
-    member is reclaimed from its last checkpoint (> 0, finite)."""
+    member is reclaimed from its last checkpoint (> 0, finite). A run records it (every
+    worker judges the others by the same one); resuming a run without giving one keeps the
+    recorded one (`heartbeat_timeout_given`)."""
 
     poll_interval: float = 0.05
     """Seconds a worker with nothing to do waits before looking again (> 0, finite)."""
@@ -136,7 +144,9 @@ class RunOptions:
             "max_retries": _check_int("max_retries", self.max_retries, minimum=0),
             "max_failures": _check_int("max_failures", self.max_failures, 0, optional=True),
             "keep_checkpoints": _check_int("keep_checkpoints", self.keep_checkpoints, 1),
-            "heartbeat_timeout": _check_seconds("heartbeat_timeout", self.heartbeat_timeout),
+            "heartbeat_timeout": self.heartbeat_timeout
+            if isinstance(self.heartbeat_timeout, _DefaultSeconds)
+            else _check_seconds("heartbeat_timeout", self.heartbeat_timeout),
             "poll_interval": _check_seconds("poll_interval", self.poll_interval),
             "max_lag": _check_int("max_lag", self.max_lag, minimum=1, optional=True),
             "cache_size": _check_int("cache_size", self.cache_size, minimum=1),
@@ -145,6 +155,12 @@ class RunOptions:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def heartbeat_timeout_given(self) -> bool:
+        """Whether ``heartbeat_timeout`` was chosen (passed, even as 30) rather than left at
+        its default: only a chosen one replaces the timeout a resumed run recorded."""
+        return not isinstance(self.heartbeat_timeout, _DefaultSeconds)
 
     def failure_budget(self, population_size: int) -> int:
         """How many members may fail for good before the run stops: it stops when more do.

@@ -16,6 +16,12 @@ Pages:
 * ``/runs/RUN/report.html``: the self-contained report file, as ``poptune report`` writes it.
 
 Nothing is fetched from the network by a page; the pages' script is inline.
+
+Requests whose ``Host`` is not a name the dashboard was bound by are refused (400): bound to
+this machine only (the default), only ``127.0.0.1``, ``localhost`` and ``[::1]``, any port.
+Otherwise a web page the user opens could rename its own site to 127.0.0.1 (DNS rebinding)
+and read the runs through the user's browser. A dashboard bound to every address
+(``--host 0.0.0.0``) answers any name: it is open to whoever reaches it anyway.
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ SLOW_READ = 0.25
 #: The share of the time a dashboard spends reading a run whose reads are slow.
 READ_SHARE = 0.1
 
-__all__ = ["create_app", "serve"]
+#: The names of this machine's loopback addresses, as they appear in a ``Host`` header.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+__all__ = ["LOOPBACK_HOSTS", "allowed_hosts", "create_app", "serve"]
 
 _SCRIPT = """
 const REFRESH = %(refresh)d;
@@ -152,8 +163,68 @@ class _Cached:
         return self.done + self.took * (1 - READ_SHARE) / READ_SHARE
 
 
+def allowed_hosts(*bound: str) -> frozenset[str] | None:
+    """The ``Host`` names a dashboard bound by the addresses or names ``bound`` answers:
+    `LOOPBACK_HOSTS`, and each of ``bound`` that is not a loopback one; None (any name) when
+    one of them is a wildcard (``0.0.0.0``, ``::``)."""
+    names = set(LOOPBACK_HOSTS)
+    for host in bound:
+        host = host.strip().lower()
+        if host in _WILDCARDS:
+            return None
+        names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    return frozenset(names)
+
+
+def _host_name(header: str) -> str | None:
+    """The host of a ``Host`` header, lower-case, without its port (an IPv6 address keeps
+    its brackets); None when the header is malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        host, rest = header[: end + 1], header[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        host, _, port = header.partition(":")
+    if not host or (port and not port.isdigit()):
+        return None
+    return host
+
+
+class _KnownHostsOnly:
+    """ASGI middleware that refuses (400) a request whose ``Host`` is not one of ``hosts``.
+
+    Starlette's TrustedHostMiddleware would do, but older versions of it that this package
+    accepts cut ``[::1]:8050`` at its first colon, refusing the IPv6 loopback address.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str]) -> None:
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers") or ()).get(b"host", b"").decode("latin-1")
+            if _host_name(header) not in self.hosts:
+                from starlette.responses import PlainTextResponse
+
+                refused = PlainTextResponse(
+                    f"Host {header!r} is not served here: the dashboard answers only "
+                    f"{', '.join(sorted(self.hosts))}.",
+                    status_code=400,
+                )
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
-    store: Storage, *, refresh: float = 2.0, clock: Callable[[], float] = time.monotonic
+    store: Storage,
+    *,
+    refresh: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+    hosts: frozenset[str] | None = LOOPBACK_HOSTS,
 ) -> Any:
     """The dashboard's Starlette application over ``store`` (which the caller closes).
 
@@ -161,9 +232,12 @@ def create_app(
         store: The storage whose runs it shows.
         refresh: Seconds between a page's checks for new results.
         clock: Seconds on a monotonic clock (tests pass their own).
+        hosts: The ``Host`` names it answers, without ports (`allowed_hosts`); requests for
+            any other get 400. None: any name.
     """
     _dependencies()
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Route
@@ -284,6 +358,7 @@ def create_app(
             Route("/runs/{name}/summary.json", summary_json),
         ],
         exception_handlers={Exception: failed},
+        middleware=[] if hosts is None else [Middleware(_KnownHostsOnly, hosts=hosts)],
     )
 
 
@@ -314,9 +389,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(store: Storage, sock: socket.socket, *, refresh: float = 2.0) -> None:
-    """Serves the dashboard on a bound socket until Ctrl-C (or SIGTERM)."""
+def serve(
+    store: Storage,
+    sock: socket.socket,
+    *,
+    refresh: float = 2.0,
+    hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+) -> None:
+    """Serves the dashboard on a bound socket until Ctrl-C (or SIGTERM), answering requests
+    for the ``Host`` names ``hosts`` (see `create_app`)."""
     _, uvicorn = _dependencies()
-    app = create_app(store, refresh=refresh)
+    app = create_app(store, refresh=refresh, hosts=hosts)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])

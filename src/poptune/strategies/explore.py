@@ -6,7 +6,9 @@ to each hyperparameter that was touched (``"*1.2"``, ``"resample"``, ``"up"``...
 in the lineage. Parameters declared ``mutable=False`` are never touched.
 
 Any plain callable ``fn(hparams, rng) -> dict`` may be passed where an explore strategy is
-expected; its result is validated against the space.
+expected. What every strategy returns is checked against the space (`explore_checked`, which
+the `poptune.PBT` controller calls): a value out of its range, not finite, or a change to a
+``mutable=False`` parameter raises `ExploreError`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import numpy as np
 
 from poptune.space import Space
 
-__all__ = ["Explore", "FunctionExplore", "Perturb", "Resample", "as_explore"]
+__all__ = [
+    "Explore",
+    "ExploreError",
+    "FunctionExplore",
+    "Perturb",
+    "Resample",
+    "as_explore",
+    "explore_checked",
+]
 
 Operations = dict[str, str]
 
@@ -36,6 +46,67 @@ class Explore:
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description, used to store and compare configurations."""
         return {"kind": type(self).__name__}
+
+
+class ExploreError(ValueError):
+    """An explore strategy raised, or returned hyperparameters outside the space.
+
+    A configuration error: the decision that called it draws from a seeded stream, so the
+    same decision would fail the same way again.
+    """
+
+
+def strategy_name(explore: Explore) -> str:
+    """How messages name a strategy: ``explore function 'fn'`` or ``explore strategy Kind``."""
+    if isinstance(explore, FunctionExplore):
+        return f"explore function {getattr(explore.fn, '__name__', repr(explore.fn))!r}"
+    return f"explore strategy {type(explore).__name__}"
+
+
+def check_explored(
+    explore: Explore, old: Mapping[str, Any], new: object, space: Space
+) -> dict[str, Any]:
+    """``new``, the hyperparameters ``explore`` returned from ``old``, in canonical form.
+
+    Raises:
+        ExploreError: ``new`` is not a full set of legal values of ``space``, or it changes a
+            ``mutable=False`` parameter; the message names the strategy, the hyperparameter
+            and the value.
+    """
+    who = strategy_name(explore)
+    try:
+        checked = space.validate(new, where=f"{who} returned")  # type: ignore[arg-type]
+    except ValueError as e:
+        # Space.validate names the parameter and the value; `where` is only in the messages
+        # about the whole dict.
+        per_parameter = str(e).startswith("Parameter ")
+        raise ExploreError(
+            f"{who} returned a value outside the space: {e}" if per_parameter else str(e)
+        ) from None
+    for key, param in space.items():
+        if not param.mutable and checked[key] != old[key]:
+            raise ExploreError(
+                f"{who} changed {key!r} from {old[key]!r} to {checked[key]!r}, but it is "
+                "declared mutable=False."
+            )
+    return checked
+
+
+def explore_checked(
+    explore: Explore, hparams: Mapping[str, Any], space: Space, rng: np.random.Generator
+) -> tuple[dict[str, Any], Operations]:
+    """Calls ``explore`` and checks what it returns (`check_explored`).
+
+    Raises:
+        ExploreError: The strategy raised, or returned hyperparameters outside the space.
+    """
+    try:
+        new, ops = explore(hparams, space, rng)
+    except ExploreError:
+        raise
+    except Exception as e:
+        raise ExploreError(f"{strategy_name(explore)} raised {type(e).__name__}: {e}") from e
+    return check_explored(explore, hparams, new, space), ops
 
 
 def _check_probability(owner: str, name: str, p: object) -> float:
@@ -122,7 +193,8 @@ class FunctionExplore(Explore):
     """Wraps a user function ``fn(hparams, rng) -> new_hparams`` as an explore strategy.
 
     The function receives a copy of the hyperparameters; what it returns is checked against the
-    space (every name present, every value legal, immutable parameters unchanged).
+    space (every name present, every value legal, immutable parameters unchanged): else
+    `ExploreError`.
     """
 
     def __init__(self, fn: Callable[[dict[str, Any], np.random.Generator], Mapping[str, Any]]):
@@ -133,14 +205,7 @@ class FunctionExplore(Explore):
     def __call__(
         self, hparams: Mapping[str, Any], space: Space, rng: np.random.Generator
     ) -> tuple[dict[str, Any], Operations]:
-        name = getattr(self.fn, "__name__", "explore")
-        out = self.fn(dict(hparams), rng)
-        new = space.validate(out, where=f"explore function {name!r} returned")
-        for key, param in space.items():
-            if not param.mutable and new[key] != hparams[key]:
-                raise ValueError(
-                    f"explore function {name!r} changed {key!r}, which is declared mutable=False."
-                )
+        new = check_explored(self, hparams, self.fn(dict(hparams), rng), space)
         ops = {k: "custom" for k in space if new[k] != hparams[k]}
         return new, ops
 
