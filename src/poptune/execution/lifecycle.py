@@ -52,8 +52,10 @@ from poptune.controller import PBT, Decision, member_seed, ready_step
 from poptune.execution.session import (
     CheckpointBackend,
     RunFailed,
+    RunIdentity,
     RunInterrupted,
     RunOptions,
+    check_identity,
     member_rows,
     retention,
     write_population,
@@ -673,9 +675,14 @@ class _Stop(RunFailed):
 
 
 @contextlib.contextmanager
-def committing(storage: Storage, name: str) -> Iterator[Transaction]:
+def committing(
+    storage: Storage, name: str, identity: RunIdentity | None = None
+) -> Iterator[Transaction]:
     """A run transaction that commits even when the failure policy stops the run in it (the
     run's failed status and the failure record must be kept), with Ctrl-C held back.
+
+    With ``identity``, the run must still be the one its worker was started for
+    (`check_identity`): else `RunReplaced` is raised before anything is written.
 
     A configuration error raised in it (an explore strategy returning hyperparameters outside
     the space, in a commit's decisions) rolls it back and marks the run failed in a
@@ -683,8 +690,11 @@ def committing(storage: Storage, name: str) -> Iterator[Transaction]:
     so retrying it (or restarting the worker) cannot help.
     """
     stop: _Stop | None = None
+    if identity is not None and storage.get_run(name) is None:
+        check_identity(None, name, identity)  # deleted: RunReplaced, not "no such run"
     try:
         with deferred_interrupts(), storage.transaction(name) as tx:
+            check_identity(tx.run() if identity is not None else None, name, identity)
             try:
                 yield tx
             except _Stop as e:

@@ -31,9 +31,13 @@ from poptune.execution.devices import assign_devices
 from poptune.execution.lifecycle import deferred_interrupts, limit_threads
 from poptune.execution.session import (
     RunFailed,
+    RunIdentity,
     RunInterrupted,
     RunOptions,
+    RunReplaced,
+    check_identity,
     new_worker_id,
+    run_identity,
 )
 from poptune.execution.worker import Worker, settle_run, work
 from poptune.storage import leases
@@ -63,6 +67,7 @@ class WorkerSpec:
     source: str | None = None
     experiment: bytes | None = None
     failed_before: int = 0
+    identity: RunIdentity | None = None
 
 
 def experiment_of(spec: WorkerSpec) -> Experiment:
@@ -121,6 +126,7 @@ def worker_main(
                 failed_before=spec.failed_before,
                 parent_pid=os.getppid(),
                 on_start=_started,
+                identity=spec.identity,
             )
         except BaseException as exc:
             if errors is not None and not (started is not None and started.is_set()):
@@ -189,7 +195,10 @@ def run_processes(
                 "level, or start the run with `poptune run FILE.py`."
             ) from None
     failed = sum(1 for r in storage.members(name) if r.state["status"] == "failed")
-    spec = WorkerSpec(storage_url, name, checkpoint_root, options, source, payload, failed)
+    identity = _identity(storage, name)
+    spec = WorkerSpec(
+        storage_url, name, checkpoint_root, options, source, payload, failed, identity
+    )
     threads = options.threads_per_worker(workers)
     storage.update_run(name, status="running")
     ctx = mp.get_context("spawn")
@@ -226,7 +235,9 @@ def run_processes(
                 del procs[pid]
                 if p.exitcode == 0:
                     continue
-                # A worker died (killed, out of memory...): free its member at once.
+                # A worker died (killed, out of memory...): free its member at once, if the
+                # run is still the one it trained.
+                check_identity(storage.get_run(name), name, identity)
                 _release_worker(storage, name, pid)
                 if not started.is_set():
                     never_started += 1
@@ -241,9 +252,13 @@ def run_processes(
                             "The run is kept; resume it once that is fixed."
                         )
                 info = storage.get_run(name)
+                check_identity(info, name, identity)  # never restart into another run
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
                     start(slots[pid])
+    except RunReplaced:
+        _stop_workers(procs)  # they stop by themselves too; nothing is written
+        raise
     except BaseException:
         # Ctrl-C, or this process failing (its storage down, read-only or full): the workers
         # stop, and the run is marked interrupted as far as the storage still lets it (else
@@ -264,7 +279,16 @@ def run_processes(
         name,
         f"Run {name!r}: every worker stopped before the run completed (more than "
         f"{max_restarts} died). Resume it with `poptune resume {name}`.",
+        identity,
     )
+
+
+def _identity(storage: Storage, name: str) -> RunIdentity:
+    """The identity of the prepared run ``name`` (`run_identity`), which workers keep to."""
+    info = storage.get_run(name)
+    if info is None:
+        raise RunReplaced(f"Run {name!r} was deleted before its workers started.")
+    return run_identity(info)
 
 
 @contextlib.contextmanager

@@ -55,8 +55,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from poptune.execution.lifecycle import deferred_interrupts, limit_threads
-from poptune.execution.processes import WorkerSpec, experiment_of
-from poptune.execution.session import RunFailed, RunInterrupted, RunOptions, new_worker_id
+from poptune.execution.processes import WorkerSpec, _identity, experiment_of
+from poptune.execution.session import (
+    RunFailed,
+    RunInterrupted,
+    RunOptions,
+    check_identity,
+    new_worker_id,
+)
 from poptune.execution.worker import settle_run, work
 from poptune.trainable import set_worker_device
 
@@ -179,6 +185,7 @@ class RayWorker:
                 worker_id=self.id,
                 stop=self.stopping,
                 failed_before=spec.failed_before,
+                identity=spec.identity,
             )
 
     def stop(self) -> None:
@@ -333,7 +340,8 @@ def run_ray(
                 "`poptune run FILE.py`."
             ) from None
     failed = sum(1 for r in storage.members(name) if r.state["status"] == "failed")
-    spec = WorkerSpec(url, name, checkpoint_root, options, source, payload, failed)
+    identity = _identity(storage, name)
+    spec = WorkerSpec(url, name, checkpoint_root, options, source, payload, failed, identity)
     threads = options.threads or max(1, int(res.get("cpu", 1.0)))
     actor_cls = ray.remote(RayWorker)
     actor_options = {**_actor_options(res), **placement}
@@ -386,6 +394,7 @@ def run_ray(
                             "kept; resume it once that is fixed."
                         )
                 info = storage.get_run(name)
+                check_identity(info, name, identity)  # never restart into another run
                 if info is not None and info.status == "running" and restarts < max_restarts:
                     restarts += 1
                     start()
@@ -427,6 +436,7 @@ def run_ray(
         name,
         f"Run {name!r}: every Ray actor stopped before the run completed (more than "
         f"{max_restarts} died).{why} Resume it with `poptune resume {name}`.",
+        identity,
     )
 
 

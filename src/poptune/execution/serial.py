@@ -34,11 +34,13 @@ from poptune.execution.lifecycle import (
 from poptune.execution.session import (
     CheckpointBackend,
     RunFailed,
+    RunIdentity,
     RunOptions,
     controller_from,
     member_rows,
     new_worker_id,
     release_held,
+    run_identity,
 )
 from poptune.storage.base import MemberBusy, MemberRow, ResultRow, Storage
 from poptune.storage.checkpoints import DamagedCheckpoint
@@ -68,6 +70,7 @@ class _SerialRun:
         self.live: dict[int, tuple[str | None, Trainable]] = {}
         self.pending: dict[int, list[ResultRow]] = {}
         self.target: dict[int, int] = {}
+        self.identity: RunIdentity | None = None  # the run claimed (`_claim_all`)
 
     # -- claiming and releasing ------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class _SerialRun:
                         f"first, or wait {self.options.heartbeat_timeout:.0f} s after it died."
                     ) from None
             pbt = controller_from(self.exp, info, rows)
+            self.identity = run_identity(info)
             mine = {"owner": self.worker, "heartbeat": tx.now()}
             claimed = member_rows(pbt, known, {r.id: mine for r in rows})
             tx.put_members(claimed)
@@ -105,7 +109,7 @@ class _SerialRun:
     def _release(self, status: str, exc: BaseException | None) -> None:
         error = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc)
         try:
-            with deferred_interrupts(), self.storage.transaction(self.name) as tx:
+            with committing(self.storage, self.name, self.identity) as tx:
                 release_held(tx, self.worker.__eq__)
                 if tx.run().status != "failed":  # a failure recorded by the policy stays
                     tx.set_status(status, error)
@@ -223,7 +227,7 @@ class _SerialRun:
             t = self._save(mid)
             if t is not None:
                 trained.append(t)
-        with committing(self.storage, self.name) as tx:
+        with committing(self.storage, self.name, self.identity) as tx:
             stored = {r.id: r for r in tx.members()}
             committed = self.life.commit(tx, self.pbt, trained, stored, keep_owner=True)
         self._after(committed)
@@ -231,7 +235,7 @@ class _SerialRun:
     def _failed(self, mid: int, exc: BaseException, step: int | None = None) -> None:
         """Takes the failure path for ``mid``; ``step``: the step whose training raised
         (default: the member's step, for a failure restoring or checkpointing it)."""
-        with committing(self.storage, self.name) as tx:
+        with committing(self.storage, self.name, self.identity) as tx:
             stored = {r.id: r for r in tx.members()}
             outcome, committed = self.life.record_failure(
                 tx,
@@ -259,7 +263,7 @@ class _SerialRun:
     def _damaged(self, mid: int, exc: DamagedCheckpoint) -> None:
         """A checkpoint ``mid`` had to restore from is damaged (`Lifecycle.record_damaged`):
         the members that stood on it go back, their uncommitted steps and live state dropped."""
-        with committing(self.storage, self.name) as tx:
+        with committing(self.storage, self.name, self.identity) as tx:
             stored = {r.id: r for r in tx.members()}
             committed = self.life.record_damaged(tx, self.pbt, mid, exc, stored, keep_owner=True)
         for back in [m for m, r in stored.items() if r.checkpoint == exc.location] + [mid]:

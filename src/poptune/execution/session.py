@@ -35,6 +35,8 @@ __all__ = [
     "RunFailed",
     "RunInterrupted",
     "RunOptions",
+    "RunReplaced",
+    "check_identity",
     "controller_from",
     "differences",
     "fingerprint",
@@ -62,6 +64,44 @@ class RunFailed(RuntimeError):
 class RunInterrupted(RuntimeError):
     """The run stopped before it completed (its workers stopped, or another process marked it
     interrupted); everything committed is kept: resume it. The message says how."""
+
+
+class RunReplaced(RunInterrupted):
+    """The run a worker or driver was started for is gone: deleted, replaced by another run
+    of the same name, or resumed elsewhere with another configuration. It stops, writing
+    nothing more to the run that now has that name."""
+
+
+#: A run's identity: when it was created and its configuration's fingerprint. Its name alone
+#: is not enough: ``poptune delete --force`` and a new run of that name keep the name.
+RunIdentity = tuple[float, str]
+
+
+def run_identity(info: RunInfo) -> RunIdentity:
+    """The identity of the run ``info`` records."""
+    return (float(info.created), str(info.fingerprint))
+
+
+def check_identity(info: RunInfo | None, name: str, identity: RunIdentity | None) -> None:
+    """Raises `RunReplaced` unless the run ``info`` records is the one ``identity`` names.
+
+    ``identity`` None checks nothing.
+    """
+    if identity is None:
+        return
+    created, fp = identity
+    if info is not None and abs(info.created - created) < 1e-3 and info.fingerprint == fp:
+        return
+    if info is None:
+        what = "was deleted"
+    elif abs(info.created - created) >= 1e-3:
+        what = "was deleted, and another run of that name was created"
+    else:
+        what = "was resumed elsewhere with another configuration"
+    raise RunReplaced(
+        f"Run {name!r} {what} after this process started; it stops without writing to it. "
+        "Start it again to train the run that has that name now."
+    )
 
 
 class CheckpointBackend(Protocol):

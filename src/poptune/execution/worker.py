@@ -61,10 +61,14 @@ from poptune.execution.lifecycle import (
     next_ready,
 )
 from poptune.execution.session import (
+    RunIdentity,
+    RunReplaced,
+    check_identity,
     controller_from,
     new_worker_id,
     owner_alive,
     release_held,
+    run_identity,
 )
 from poptune.storage.base import MemberRow, Storage, Transaction
 from poptune.storage.checkpoints import DamagedCheckpoint
@@ -160,6 +164,7 @@ def work(
     handle_signals: bool = False,
     on_start: Callable[[Worker], None] | None = None,
     on_commit: Callable[[Stretch], None] | None = None,
+    identity: RunIdentity | None = None,
 ) -> WorkReport:
     """Claims and trains members of a stored run until it is over or this worker must stop.
 
@@ -188,6 +193,10 @@ def work(
             thread only; the previous handlers come back afterwards).
         on_start: Called with the worker once it is built, before it claims anything.
         on_commit: Called after each committed stretch.
+        identity: The run this worker is for (`poptune.execution.session.run_identity`; by
+            default the one stored under ``run`` when the worker starts). Every transaction
+            checks it: once the run is deleted or replaced by another of the same name, the
+            worker stops without writing to it.
 
     Returns:
         What the worker did, and the run's status when it stopped.
@@ -219,6 +228,7 @@ def work(
         failed_before=failed_before,
         parent_pid=parent_pid,
         on_commit=on_commit,
+        identity=identity,
     )
     previous: dict[signal.Signals, Any] = {}
     if handle_signals and threading.current_thread() is threading.main_thread():
@@ -261,13 +271,17 @@ def join_run(
     return info.status, float(stored)
 
 
-def settle_run(storage: Storage, run: str, stopped: str) -> None:
+def settle_run(
+    storage: Storage, run: str, stopped: str, identity: RunIdentity | None = None
+) -> None:
     """The driver's last word on a run whose workers (processes or Ray actors) are all gone.
 
     A run its workers left ``running`` with every member finished or failed is marked
     completed; one with members left to train is marked interrupted.
 
     Raises:
+        poptune.execution.session.RunReplaced: The run is no longer the one ``identity``
+            names; nothing is written.
         poptune.RunFailed: The failure policy stopped the run.
         poptune.RunInterrupted: Members were left to train; ``stopped`` says why the workers
             stopped and what to do.
@@ -275,6 +289,7 @@ def settle_run(storage: Storage, run: str, stopped: str) -> None:
     from poptune.execution.session import RunFailed, RunInterrupted
 
     info = storage.get_run(run)
+    check_identity(info, run, identity)
     if info is not None and info.status == "failed":
         raise RunFailed(info.error or f"Run {run!r} failed.")
     if info is not None and info.status == "running":
@@ -305,13 +320,21 @@ class Worker:
         failed_before: int | None = None,
         parent_pid: int | None = None,
         on_commit: Callable[[Stretch], None] | None = None,
+        identity: RunIdentity | None = None,
     ) -> None:
         from poptune.storage import open_storage
+        from poptune.storage.base import StorageError
         from poptune.storage.checkpoints import CheckpointStore
 
         self.id, self.name, self.exp, self.options = worker_id, run, experiment, options
+        self.identity: RunIdentity | None = identity
         self.storage: Storage = open_storage(storage_url)
         try:
+            if identity is None:
+                info = self.storage.get_run(run)
+                if info is None:
+                    raise StorageError(f"No run named {run!r} in {self.storage.display_url}.")
+                identity = run_identity(info)
             if failed_before is None:
                 rows = self.storage.members(run)  # also: the run must exist
                 failed_before = sum(1 for r in rows if r.state["status"] == "failed")
@@ -366,6 +389,8 @@ class Worker:
                     self.report.stopped = True
         except InfrastructureError as e:
             self._interrupt(str(e))
+        except RunReplaced:
+            self.report.status, self.report.stopped = "replaced", True
         finally:
             self._release_all()
             if watch is not None:
@@ -378,7 +403,7 @@ class Worker:
             return self._pick(tx, tx.run().status, list(self._population(tx).values()))
 
     def _transaction(self) -> contextlib.AbstractContextManager[Transaction]:
-        return committing(self.storage, self.name)
+        return committing(self.storage, self.name, self.identity)
 
     def _population(self, tx: Transaction) -> dict[int, MemberRow]:
         """Every member's row as of ``tx``, by id: the rows kept from the last transaction,
