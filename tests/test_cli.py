@@ -828,3 +828,70 @@ def test_a_deleted_run_s_driver_never_trains_the_new_run_of_that_name(tmp_path: 
     assert info is not None and info.status == "completed"
     assert len(rows) == 2 and all(r.state["step"] == 6 for r in rows)
     assert max(r.step for r in results) == 6
+
+
+BOXED = """
+import poptune as pt
+
+
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+
+class Member(pt.Trainable):
+    def __init__(self, hparams, seed):
+        super().__init__(hparams, seed)
+        self.box = Box(0.0)
+
+    def step(self):
+        self.box = Box(self.box.value + self.hparams["lr"])
+        return {{"score": self.box.value}}
+
+    def state_dict(self):
+        return {{"box": self.box}}
+
+    def load_state_dict(self, state):
+        self.box = state["box"]
+
+
+EXPERIMENT = pt.Experiment(
+    Member, {{"lr": pt.Float(0.1, 1.0)}}, population_size=2, steps={steps}, interval=5,
+    allow_pickle={allow},
+)
+"""
+
+
+def test_a_state_holding_the_file_s_own_class_fails_fast_without_allow_pickle(
+    tmp_path: Path,
+) -> None:
+    """Safe loading is the default: such a state stops the run at its first checkpoint with
+    the opt-in named, before any member trains on (or fails for good)."""
+    (tmp_path / "exp.py").write_text(BOXED.format(steps=10, allow=False))
+    proc = poptune("run", "exp.py", "--no-progress", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "allow_pickle=True" in proc.stdout + proc.stderr
+    with pt_storage(f"sqlite:///{tmp_path / 'poptune.db'}") as store:
+        assert all(r.state["status"] != "failed" for r in store.members("exp"))
+
+
+def test_states_of_the_file_s_own_classes_load_when_the_file_moved(tmp_path: Path) -> None:
+    """With allow_pickle, a state holding a class of the experiment file loads wherever the
+    file is: the run resumed from a copy in another folder, and its best state exported by a
+    new process. Before, the file's module was named after its path, and both failed."""
+    first, moved = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    moved.mkdir()
+    (first / "exp.py").write_text(BOXED.format(steps=10, allow=True))
+    storage = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = poptune("run", "exp.py", "--no-progress", "--storage", storage, cwd=first)
+    assert proc.returncode == 0, proc.stderr
+    (moved / "exp.py").write_text(BOXED.format(steps=20, allow=True))
+    (first / "exp.py").unlink()
+    proc = poptune("run", "exp.py", "--no-progress", "--storage", storage, "--resume", cwd=moved)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = poptune("export", "exp", "--storage", storage, "--checkpoint", "best.pkl", cwd=moved)
+    assert out.returncode == 0, out.stderr
+    assert (moved / "best.pkl").is_file()
+    with pt_storage(storage) as store:
+        assert all(r.state["step"] == 20 for r in store.members("exp"))
