@@ -637,7 +637,10 @@ class ParentWatch:
         worker.stopping.set()
         if self.done.wait(PARENT_GRACE_SECONDS):
             return
-        with contextlib.suppress(Exception), committing(worker.storage, worker.name) as tx:
+        with (
+            contextlib.suppress(Exception),
+            committing(worker.storage, worker.name, worker.identity) as tx,
+        ):
             release_held(tx, worker.id.__eq__)
         os._exit(PARENT_GONE_EXIT)
 
