@@ -42,6 +42,9 @@ Invariants, from the stored run (`poptune.storage.open_storage`), each a violati
   one more than at the previous step of the segment, or than the donor's at ``donor_step``
   right after an exploit or explore, or the step itself in the initial segment. A member
   resumed from another checkpoint than its row says breaks it;
+* ``damaged_checkpoint_loaded``: after the crash, the member whose checkpoint was damaged went on
+  from that checkpoint's step in the same segment, with no error and no earlier checkpoint: it
+  was trained on the damaged bytes (a bit flip that unpickles);
 * ``checkpoint_missing`` / ``checkpoint_unreadable``: a checkpoint row's file is gone or does not
   load with ``CheckpointStore(root).load(location)``;
 * ``leaked_files``: once the run completed, files under ``ROOT/RUN/member-*/`` that no
@@ -50,16 +53,17 @@ Invariants, from the stored run (`poptune.storage.open_storage`), each a violati
   timeouts after its driver died (the harness kills it when the run ends).
 
 Resume-to-first-commit: from the start of each ``poptune resume`` to the first time the run's
-result count grows while no process of an earlier driver is alive (a growth seen while one is
-alive is not counted: it may be theirs).
+result count grows once every process of earlier drivers is gone (a growth before that may be
+theirs; how many resumes waited so is reported beside).
 
 Run it:  python benchmarks/chaos.py [--runs 30] [--seed 0] [--storages sqlite,postgres]
          [--workers 2,4] [--quick]
 
 PostgreSQL runs use ``--postgres URL`` (default ``$POPTUNE_TEST_POSTGRES_URL``, else the local
-test database) and delete their runs afterwards; the
-``db_restart`` fault restarts that server (everyone's connections to it). It prints a table and
-writes ``benchmarks/results/chaos.json`` (``chaos-quick.json`` with ``--quick``).
+test database) and delete their runs afterwards; the ``db_restart`` fault restarts that server
+(everyone's connections to it). ``--quick``: one run per fault kind and storage, shorter runs.
+``--keep DIR`` copies each run's folder (database, checkpoints, driver logs) there. It prints a
+table and writes ``benchmarks/results/chaos.json`` (``chaos-quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -374,7 +378,7 @@ class Outcome:
     fault_detail: dict[str, Any] = field(default_factory=dict)
     resumes: int = 0
     resume_to_first_commit_s: list[float] = field(default_factory=list)
-    resumes_after_orphans: int = 0  # first commits that waited for an orphan to go
+    resumes_after_orphans: int = 0  # first commits that waited for an earlier driver's workers
     violations: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # a few violation details
     leaked_files: int = 0
@@ -406,8 +410,12 @@ class FaultedRun:
         self.out = Outcome(plan)
         self.storage: Any = None
         self.count = 0  # results seen
-        self.pending: tuple[float, int, bool] | None = None  # resume start, count, orphans seen
+        # A resume whose first commit is awaited: when it started, whether every earlier
+        # driver's process was gone before the last read, whether one was seen alive.
+        self.pending: tuple[float, bool, bool] | None = None
         self.mounted = False
+        # A damaged current checkpoint: (member, its step, the member's segment, results then)
+        self.damaged: tuple[int, int, int | None, int] | None = None
         self.env = {
             **os.environ,
             "CHAOS_STEPS": str(plan.workload.steps),
@@ -490,37 +498,41 @@ class FaultedRun:
     # -- storage
 
     def read(self, what: Callable[[Any], Any]) -> Any:
-        """Reads the stored run, reopening the storage once if the connection broke."""
-        for attempt in range(3):
+        """Reads the stored run, reopening the storage while the connection is broken (a
+        restarting database server), for up to 20 s."""
+        deadline = time.monotonic() + 20
+        while True:
             try:
                 if self.storage is None:
                     self.storage = open_storage(self.url)
                 return what(self.storage)
             except Exception:
-                if attempt == 2:
+                if time.monotonic() > deadline:
                     raise
                 with _suppress_all():
                     self.storage.close()
                 self.storage = None
                 time.sleep(0.5)
-        raise AssertionError("unreachable")
 
     def poll(self) -> None:
-        """Tracks processes, counts results, times resumes, notes orphans."""
+        """Tracks processes, counts results, times resumes.
+
+        A resumed run's first own commit is the first growth of its results read after a poll
+        that found every process of earlier drivers gone *before* reading: a worker of a killed
+        driver commits its last stretch before it exits, so its rows are in that read."""
         self.track()
+        earlier_alive = any(q.alive() for q in self.procs if q.driver < self.drivers - 1)
         new = self.read(lambda s: len(s.results(self.name, start=self.count)))
         now = time.monotonic()
-        earlier_alive = any(q.alive() for q in self.procs if q.driver < self.drivers - 1)
-        own = any(q.role == "worker" and q.driver == self.drivers - 1 for q in self.procs)
-        if new and self.pending is not None and not own:
-            pass  # the resumed driver has no worker yet: an earlier one's last commit
-        elif new and self.pending is not None:
-            started, _, orphans = self.pending
+        if self.pending is not None:
+            started, clean, waited = self.pending
             if earlier_alive:
-                self.pending = (started, self.count + new, True)
-            else:
+                self.pending = (started, False, True)
+            elif not clean:
+                self.pending = (started, True, waited)  # counted from this read on
+            elif new:
                 self.out.resume_to_first_commit_s.append(now - started)
-                self.out.resumes_after_orphans += orphans
+                self.out.resumes_after_orphans += waited
                 self.pending = None
         self.count += new
 
@@ -532,8 +544,9 @@ class FaultedRun:
 
     def resume(self) -> None:
         self.out.resumes += 1
+        earlier_alive = any(q.alive() for q in self.procs if q.driver < self.drivers)
         self.start_driver("resume")
-        self.pending = (time.monotonic(), self.count, False)
+        self.pending = (time.monotonic(), not earlier_alive, earlier_alive)
 
     # -- the run
 
@@ -716,6 +729,16 @@ class FaultedRun:
         detail["damaged"] = True
         detail["location"] = location  # relative to the checkpoint root
         detail["size"] = size
+        owner = next((m for m in members if m.checkpoint == location), None)
+        if owner is not None:
+            results = self.read(lambda s: s.results(self.name))
+            own = [r for r in results if r.member == owner.id]
+            self.damaged = (
+                owner.id,
+                int(owner.checkpoint_step or 0),
+                own[-1].segment if own else None,
+                len(results),
+            )
         if kind == "ckpt_truncate":
             os.truncate(path, size // 2)
         elif kind == "ckpt_bitflip":
@@ -787,6 +810,13 @@ class FaultedRun:
         results = self.read(lambda s: s.results(name))
         events = {e["index"]: e for e in self.read(lambda s: s.events(name))}
         out.failures = len(self.read(lambda s: s.failures(name)))
+        if self.damaged is not None:
+            member, step, segment, before = self.damaged
+            after = [r for r in results[before:] if r.member == member]
+            if after and after[0].step == step + 1 and after[0].segment == segment:
+                # Nothing else held that state after the crash: the damaged file was trained on.
+                out.violations["damaged_checkpoint_loaded"] += 1
+                self.examples(f"member {member} went on from its damaged step-{step} checkpoint")
         for kind, text in lineage_violations(results, events):
             out.violations[kind] += 1
             self.examples(text)
