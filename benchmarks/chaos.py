@@ -897,7 +897,10 @@ def lineage_violations(
         donor, at = e.get("donor"), e.get("donor_step")
         if donor is None or at is None:
             continue
-        donor_t[e["index"]] = t_of(int(donor), int(at), int(e["index"]))
+        if e.get("kind") == "rollback":  # the donor's own file: its t as it trained to `at`
+            donor_t[e["index"]] = {0} if at == 0 else t_at.get((int(donor), int(at)), set())
+        else:
+            donor_t[e["index"]] = t_of(int(donor), int(at), int(e["index"]))
         if not donor_t[e["index"]]:
             found.append(
                 (
