@@ -591,7 +591,8 @@ class Lifecycle:
         no retry is used up), forgets the file so that no member copies it again, and puts
         every member standing on it back to that member's previous kept checkpoint, retraining
         the steps between (`PBT.rollback`; from scratch when none is left), each with a
-        ``rollback`` lineage event. ``member`` is released (or kept, with ``keep_owner``).
+        ``rollback`` lineage event. Members another worker holds are left to it. ``member``
+        is released (or kept, with ``keep_owner``).
         """
         tx.require_owner(member, self.worker, known=stored)
         location = exc.location
@@ -604,10 +605,14 @@ class Lifecycle:
         earlier = [c for c in kept if c.step <= bad_step] or kept
         fallback = max(earlier, key=lambda c: c.id) if earlier else None
         tx.delete_checkpoints([location])
+        # A member another worker holds is left to it: it trains on from its live state, or
+        # finds the damage itself when it loads the file (and goes back then).
         on_it = sorted(
             mid
             for mid, r in stored.items()
-            if r.checkpoint == location and r.state["status"] != "failed"
+            if r.checkpoint == location
+            and r.state["status"] != "failed"
+            and r.owner in (None, self.worker)
         )
         where = (
             f"member {owner}'s checkpoint at step {fallback.step}"
