@@ -228,3 +228,56 @@ def test_a_checkpoint_folder_without_its_marker_is_not_read(env: Any, tmp_path: 
 
     with pytest.raises(StorageError, match=r"no \.poptune-run marker"):
         pt.load(url, "r").load_state()
+
+
+def test_a_damaged_file_rolls_back_only_members_no_other_worker_holds(env: Any) -> None:
+    """Two members stand on one damaged file; another worker holds one of them (it may be
+    training it from its live state): only the finder's member and free members go back.
+    Rewriting a row another worker trains mixed two lineages in its next commit."""
+    from dataclasses import replace
+
+    from poptune.execution.lifecycle import Lifecycle, committing
+    from poptune.execution.session import controller_from, prepare_run
+    from poptune.storage.checkpoints import DamagedCheckpoint
+    from poptune.storage.memory import InMemoryStorage, MemoryCheckpointStore
+
+    env(noise=0, pop=4, steps=20, interval=5)
+    exp = experiment()
+    store = InMemoryStorage()
+    prepare_run(exp, store, "r")
+    bad = "r/member-00002/step-000000010-0123456789ab.ckpt"
+    old = "r/member-00002/step-000000005-ba9876543210.ckpt"
+    with store.transaction("r") as tx:
+        tx.add_checkpoints([(2, 5, old, 1), (2, 10, bad, 1)])
+        rows = {r.id: r for r in tx.members()}
+        holders = {0: "me", 1: "other", 2: None, 3: "other"}
+        at = {0: bad, 1: bad, 2: bad, 3: old}
+        tx.put_members(
+            [
+                replace(
+                    rows[m],
+                    owner=holders[m],
+                    heartbeat=tx.now() if holders[m] else None,
+                    checkpoint=at[m],
+                    checkpoint_step=10 if at[m] == bad else 5,
+                    state={**rows[m].state, "step": 10, "last_ready": 10},
+                )
+                for m in rows
+            ]
+        )
+    life = Lifecycle(exp, store, "r", MemoryCheckpointStore(), pt.RunOptions(), "me")
+    with committing(store, "r") as tx:
+        stored = {r.id: r for r in tx.members()}
+        pbt = controller_from(exp, tx.run(), stored.values())
+        life.record_damaged(tx, pbt, 0, DamagedCheckpoint(bad, "test"), stored, keep_owner=False)
+
+    after = {r.id: r for r in store.members("r")}
+    assert after[0].checkpoint == old and after[0].state["step"] == 5  # the finder's
+    assert after[2].checkpoint == old and after[2].state["step"] == 5  # a free member
+    assert after[1] == stored[1]  # held by another worker: left to it
+    assert after[3] == stored[3]  # not on the file
+    assert [e["member"] for e in store.events("r")] == [0, 2]
+    assert all(e["kind"] == "rollback" and e["donor"] == 2 for e in store.events("r"))
+    assert bad not in {c.location for c in store.checkpoints("r")}
+    (failure,) = store.failures("r")
+    assert failure.member == 2 and failure.attempt == 0
