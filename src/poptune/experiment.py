@@ -187,6 +187,28 @@ class Experiment:
             )
         return Experiment(**{**self._arguments, **changes})
 
+    def baseline(self, kind: str = "random") -> Experiment:
+        """The random-search baseline of this experiment, at equal compute: the same
+        population (the same initial hyperparameters, drawn from the same seed), steps,
+        interval and seed, with no exploit and no explore, so every member keeps its initial
+        hyperparameters. Run it beside the PBT run and compare the two (``poptune compare``);
+        ``poptune run FILE --baseline random`` does both.
+
+        Example:
+            >>> import poptune as pt
+            >>> exp = pt.Experiment(pt.trainable(lambda hp, s: 0.0, lambda x, hp: (x, x)),
+            ...                     {"lr": pt.Float(0.1, 1.0)}, population_size=2, steps=20)
+            >>> base = exp.baseline()
+            >>> base.exploit, base.explore, base.steps
+            (None, None, 20)
+
+        Raises:
+            ValueError: ``kind`` is not ``"random"`` (the only baseline there is).
+        """
+        if kind != "random":
+            raise ValueError(f"`kind` must be 'random' (random search), but got {kind!r}.")
+        return self.replace(exploit=None, explore=None)
+
     def controller(self, snapshot: Mapping[str, Any] | None = None) -> PBT:
         """A `PBT` controller for this configuration: a new population, or ``snapshot``'s."""
         return PBT(**_controller_arguments(self._arguments), snapshot=snapshot)
@@ -282,8 +304,22 @@ class Experiment:
                 or could not start); resume it by running it again.
             KeyboardInterrupt: On Ctrl-C, after everything committed has been flushed and
                 the run marked interrupted (resume it later).
+            RuntimeError: Called while poptune imports the file that defines the experiment
+                (``poptune run FILE.py``, ``poptune worker``, a worker process): a top-level
+                ``run()`` call belongs under ``if __name__ == "__main__":``.
         """
         from poptune.execution import execute
+        from poptune.execution.source import importing
+
+        script = importing()
+        if script is not None:
+            raise RuntimeError(
+                f"Experiment.run() was called while poptune imported {script} to read its "
+                "experiment: a run() at the top level of that file would train the run during "
+                "the import, before poptune trains it. Put the call under "
+                '`if __name__ == "__main__":` (poptune imports the file under another name, so '
+                "that block runs only with `python FILE.py`)."
+            )
 
         return execute(
             self,

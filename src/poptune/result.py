@@ -22,7 +22,8 @@ class MemberRecord:
         hparams: Its hyperparameters at the end.
         step: Its step at the end.
         score: Its latest score (as reported, not oriented).
-        status: running, finished, failed (or interrupted runs: running).
+        status: running, finished, failed (an interrupted run's unfinished members stay
+            running; `poptune status` and reports show them as stopped).
         replaces: The failed member it replaced, if any.
     """
 

@@ -3,6 +3,8 @@
 ::
 
     poptune run examples/toy_quadratic.py            # trains, shows progress, prints the best
+    poptune run examples/toy_quadratic.py --baseline random  # and random search beside it
+    poptune compare toy_quadratic toy_quadratic-random  # two runs side by side
     poptune status                                   # every run in ./poptune.db
     poptune status toy_quadratic                     # one run's population and failures
     poptune export toy_quadratic --format csv        # history, events, best schedule
@@ -42,6 +44,7 @@ from poptune.cli._common import (
     _storage_failure,
     _storage_url,
 )
+from poptune.cli.compare import cmd_compare
 from poptune.cli.dashboard import cmd_dashboard
 from poptune.cli.delete import cmd_delete
 from poptune.cli.export import cmd_export
@@ -186,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue a run of that name even if its configuration changed",
     )
+    p.add_argument(
+        "--baseline",
+        choices=("random",),
+        default=None,
+        help="after the PBT run completes, run the same experiment as random search at equal "
+        "compute (no exploit, no explore: every member keeps its initial hyperparameters; "
+        "same population, steps and seed) as run RUN-random, with the same storage and "
+        "execution options, then print both side by side (poptune compare); a run that "
+        "exists already is resumed, or left as it is once completed",
+    )
+    p.add_argument(
+        "--baseline-name",
+        default=None,
+        metavar="NAME",
+        help="the baseline's run name (default: RUN-random)",
+    )
     _add_execution(p)
     p.set_defaults(func=cmd_run)
 
@@ -257,7 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="write the best member's latest state (its weights) to PATH instead: torch.save "
-        "for a torch state (load it with torch.load), else pickle",
+        "for a torch state (load it with torch.load), else pickle. A "
+        "poptune.torch.TorchTrainable's state is {'parts': {ATTRIBUTE: state_dict} for each "
+        "module, optimizer and scheduler attribute, 'rng': ..., 'extra': ...}: "
+        "model.load_state_dict(torch.load(PATH)['parts']['model'])",
+    )
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="with --checkpoint, for a poptune.torch.TorchTrainable: write only the model "
+        "weights, as a plain state_dict on the CPU (torch.load(PATH, weights_only=True) "
+        "reads it; model.load_state_dict takes it); with several module attributes, a dict "
+        "of their state_dicts by attribute name",
     )
     p.add_argument(
         "--member", type=int, default=None, metavar="ID", help="with --checkpoint: this member"
@@ -309,7 +339,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default=None, help="folder to write (default RUN-report)"
     )
     p.add_argument("--no-png", action="store_true", help="write only the HTML file")
+    p.add_argument(
+        "--compare",
+        metavar="OTHER",
+        default=None,
+        help="add a section comparing the run with run OTHER of the same storage (as "
+        "poptune compare RUN OTHER: table and both runs' curves)",
+    )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="two runs side by side: a table on the terminal, both runs' curves in HTML",
+        description="Prints a table of two runs (status, members, steps, best, median and "
+        "worst final score of their members, the best member's hyperparameters, wall time, "
+        "exploits) and which reached the better best score. --output also writes their "
+        "curves side by side (best score so far and every member's score, against step) in "
+        "one self-contained HTML file. Made for a run and its baseline from `poptune run "
+        "FILE --baseline random`.",
+    )
+    p.add_argument("first", metavar="RUN_A")
+    p.add_argument("second", metavar="RUN_B")
+    _add_storage(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE.html",
+        default=None,
+        help="also write the comparison with both runs' curves to this HTML file",
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "dashboard",

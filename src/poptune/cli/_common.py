@@ -189,6 +189,46 @@ def _open_existing(url: str) -> Storage:
     return SQLStorage(url, create=False)
 
 
+def _missing_storage(url: str) -> bool:
+    """Whether ``url`` names a SQLite file that does not exist yet (nothing was ever run
+    there)."""
+    path = _sqlite_file(url)
+    return path is not None and path != "" and not os.path.exists(path)
+
+
+def _live_holders(store: Storage, info: RunInfo) -> list[tuple[str, list[int], float | None]]:
+    """The workers that may be training run ``info`` right now: ``(worker id, members it holds,
+    seconds since its heartbeat)`` for each, judged as the run's workers judge each other (on
+    the storage's clock, by the run's heartbeat timeout)."""
+    from poptune.execution.session import RunOptions, owner_alive
+
+    timeout = float(info.execution.get("heartbeat_timeout") or RunOptions().heartbeat_timeout)
+    now = store.now()
+    held: dict[str, tuple[list[int], float | None]] = {}
+    for row in store.members(info.name):
+        if row.owner is not None and owner_alive(row.owner, row.heartbeat, timeout, now):
+            age = None if row.heartbeat is None else now - row.heartbeat
+            held.setdefault(row.owner, ([], age))[0].append(row.id)
+    return [(owner, members, age) for owner, (members, age) in held.items()]
+
+
+def _describe_holders(holders: list[tuple[str, list[int], float | None]]) -> str:
+    """``worker W (host H, pid P) holds members 0, 1 (heartbeat 2 s ago)``, and how many
+    other workers do."""
+    from poptune.storage.leases import parse_worker_id
+
+    owner, members, age = holders[0]
+    who = parse_worker_id(owner)
+    where = f" (host {who.host}, pid {who.pid})" if who is not None else ""
+    listed = ", ".join(map(str, members[:10])) + (", ..." if len(members) > 10 else "")
+    text = f"worker {owner}{where} holds member{'s' if len(members) > 1 else ''} {listed}" + (
+        "" if age is None else f" (heartbeat {max(0.0, age):.0f} s ago)"
+    )
+    if len(holders) > 1:
+        text += f", and {len(holders) - 1} other worker{'s' if len(holders) > 2 else ''} too"
+    return text
+
+
 def _get_run(store: Storage, name: str) -> RunInfo:
     info = store.get_run(name)
     if info is None:
@@ -214,9 +254,10 @@ def _check_name(name: str, hint: str) -> str:
 
 
 def _split_source(spec: str) -> str:
-    """The file of ``FILE.py[:NAME]``."""
+    """The file of ``FILE.py[:NAME]`` (``NAME`` may be dotted: ``EXPERIMENT.baseline``)."""
     path, sep, obj = spec.rpartition(":")
-    return path if sep and path and obj.isidentifier() else spec
+    named = bool(obj) and all(part.isidentifier() for part in obj.split("."))
+    return path if sep and path and named else spec
 
 
 def _positive_int(text: str) -> int:

@@ -28,8 +28,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     url = _storage_url(args)
     name = _check_name(args.run, "")
+    other = None if args.compare is None else _check_name(args.compare, "")
+    extra = ""
     with _open_existing(url) as store:
         _get_run(store, name)  # an unknown run's error lists the runs there
+        if other is not None:
+            from poptune.report.compare import comparison_section, read_comparison
+
+            _get_run(store, other)
+            extra = comparison_section(read_comparison(store, name, other))
         report = read_report(store, name)
         source = store.display_url
     out = args.out or f"{name}-report"
@@ -39,7 +46,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     html_path = os.path.join(out, HTML_NAME)
     tmp = html_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(report_html(report, source=source))
+        f.write(report_html(report, source=source, extra=extra))
     os.replace(tmp, html_path)  # a browser reloading it never sees half a file
     s = report.summary
     state = (
@@ -47,7 +54,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         if s.status == "running"
         else ""
     )
-    print(f"Wrote {html_path} (run {name}: {s.status}, {s.member_steps} member-steps{state}).")
+    compared = f", compared with run {other}" if other is not None else ""
+    print(
+        f"Wrote {html_path} (run {name}: {s.status}, {s.member_steps} member-steps{compared}"
+        f"{state})."
+    )
     if args.no_png:
         return 0
     from poptune.report.png import write_pngs

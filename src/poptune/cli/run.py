@@ -1,4 +1,14 @@
-"""``poptune run`` and ``poptune resume``: train with a progress view, then print a summary."""
+"""``poptune run`` and ``poptune resume``: train with a progress view, then print a summary.
+
+``poptune run FILE --baseline random`` trains the PBT run first and then, once it completed,
+its random-search baseline (`poptune.Experiment.baseline`) as run ``RUN-random``, with the same
+storage and execution options, and ends with both side by side (`poptune.cli.compare`). The
+baseline records its source as ``FILE.py:NAME.baseline``, so that ``poptune resume``,
+``poptune worker`` and worker processes build the baseline, not the PBT experiment, from it.
+
+Neither command joins a run that live workers are training: they stop with the workers'
+names and what to do (``poptune worker`` adds workers on purpose).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +26,10 @@ from poptune.cli._common import (
     _check_name,
     _check_persistent,
     _checkpoint_folder,
+    _describe_holders,
     _first_line,
     _get_run,
+    _live_holders,
     _open_existing,
     _open_storage,
     _redact,
@@ -36,7 +48,7 @@ if TYPE_CHECKING:
     from poptune.loggers import Logger
     from poptune.progress import Mode
     from poptune.result import Result
-    from poptune.storage.base import RunInfo
+    from poptune.storage.base import RunInfo, Storage
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
@@ -109,6 +121,8 @@ def _train(
     loggers = _loggers(args)  # before training: a missing extra fails at once
     with _open_storage(url) as store:  # fails early and clearly; creates the schema once
         before = store.get_run(name)
+        if before is not None and before.status == "running":
+            _refuse_live(store, before, url)
     if url.startswith("postgresql"):
         stored = before.checkpoint_root if before is not None else None
         _note_shared_checkpoints(url, name, checkpoints or stored)
@@ -158,6 +172,28 @@ def _train(
             crop=False,
         )
     return 0
+
+
+def _refuse_live(store: Storage, info: RunInfo, url: str) -> None:
+    """A run that live workers train is not joined by running it again (its processes would
+    silently train beside theirs, or a serial executor would fail to claim its members)."""
+    holders = _live_holders(store, info)
+    if not holders:
+        return  # marked running, but whoever ran it is gone: this run resumes it
+    name, flag = info.name, _storage_flag(url)
+    if info.execution.get("executor") == "serial":
+        more = (
+            "it is trained by the serial executor, which holds every member, so no other "
+            "process can train it meanwhile"
+        )
+    else:
+        more = f"to add workers to it on purpose, use `poptune worker {name}{flag}`"
+    raise CLIError(
+        f"Run {name!r} is being trained right now: {_describe_holders(holders)}. Running it "
+        f"again would not start it anew; {more}. Else wait until it ends (`poptune status "
+        f"{name}{flag}`), stop that process, or delete the run with `poptune delete {name} "
+        f"--force{flag}`."
+    )
 
 
 def _loggers(args: argparse.Namespace) -> list[Logger]:
@@ -237,14 +273,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = _split_source(args.file)
     if not os.path.isfile(path):
         raise CLIError(f"No such file: {path}", USAGE)
+    if args.baseline_name is not None and args.baseline is None:
+        raise CLIError("--baseline-name names the baseline of --baseline random; add it.", USAGE)
     experiment, source = load_experiment(args.file)
     name = args.name
     if name is None:
         stem = os.path.splitext(os.path.basename(_split_source(source)))[0]
         name = _check_name(stem, f"(from the file name {stem!r}); choose one with --name.")
-    return _train(
+    baseline_name = None
+    if args.baseline is not None:
+        baseline_name = args.baseline_name or f"{name}-{args.baseline}"
+        _check_name(baseline_name, "Choose another with --baseline-name.")
+        if baseline_name == name:
+            raise CLIError(
+                f"--baseline-name must differ from the run's name, but both are {name!r}.", USAGE
+            )
+    code = _train(
         experiment, url, name, source, args, resume=args.resume, checkpoints=args.checkpoints
     )
+    if code != 0 or baseline_name is None:
+        return code
+    _stdout().print(
+        f"Baseline: the same experiment as random search at equal compute (no exploit, no "
+        f"explore), as run {baseline_name}.",
+        markup=False,
+        highlight=False,
+        crop=False,
+    )
+    code = _train(
+        experiment.baseline(args.baseline),
+        url,
+        baseline_name,
+        f"{source}.baseline",
+        args,
+        resume=args.resume,
+        checkpoints=args.checkpoints,
+    )
+    if code != 0:
+        return code
+    _compare_at_end(url, name, baseline_name)
+    return 0
+
+
+def _compare_at_end(url: str, name: str, baseline: str) -> None:
+    """The run and its baseline side by side, and how to compare them again."""
+    from poptune.cli.compare import print_comparison
+    from poptune.report.compare import read_comparison
+
+    with _open_storage(url) as store:
+        cmp = read_comparison(store, name, baseline)
+    print_comparison(cmp)
+    flag = _storage_flag(url)
+    for line in (
+        f"Compare them: poptune compare {name} {baseline}{flag}",
+        f"  with their curves: poptune compare {name} {baseline}{flag} --output compare.html",
+    ):
+        _stdout().print(_scrub(line), markup=False, highlight=False, overflow="ignore", crop=False)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""``poptune status``: the runs in a storage, or one run's population and failures."""
+"""``poptune status``: the runs in a storage, or one run's population and failures.
+
+A storage without runs, one whose SQLite file does not exist yet included, is listed as such
+(exit 0): it is where everyone starts. Members recorded as running in a run that is not
+(interrupted, failed) are shown as ``stopped``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from poptune.cli._common import (
     _checkpoint_folder,
     _first_line,
     _get_run,
+    _missing_storage,
     _open_existing,
+    _redact,
     _scrub,
     _stdout,
     _storage_url,
@@ -26,13 +33,41 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from poptune.storage.base import StorageError
+
     url = _storage_url(args)
+    if args.run is None:
+        try:
+            empty = _missing_storage(url) or _no_schema(url)
+        except StorageError:
+            empty = False  # opened again below, to fail as every command does
+        if empty:
+            _stdout().print(f"No runs in {_redact(url)} yet.", markup=False)
+            return 0
     with _open_existing(url) as store:
         if args.run is None:
             _status_all(store)
         else:
             _status_run(store, _check_name(args.run, ""))
     return 0
+
+
+def _no_schema(url: str) -> bool:
+    """Whether the database at ``url`` exists but holds no poptune tables (nothing was ever run
+    there); it is not created."""
+    import sqlalchemy as sa
+
+    from poptune.cli._common import _check_persistent
+
+    _check_persistent(url)
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return "poptune_meta" not in sa.inspect(conn).get_table_names()
+    except sa.exc.SQLAlchemyError:
+        return False  # opened again by the caller, to fail as every command does
+    finally:
+        engine.dispose()
 
 
 def _status_all(store: Storage) -> None:
@@ -43,7 +78,7 @@ def _status_all(store: Storage) -> None:
     out = _stdout()
     runs = store.list_runs()
     if not runs:
-        out.print(f"No runs in {store.display_url}.", markup=False)
+        out.print(f"No runs in {store.display_url} yet.", markup=False)
         return
     table = Table(title=f"Runs in {store.display_url}", title_justify="left", header_style="bold")
     table.add_column("run", no_wrap=True)
@@ -72,6 +107,7 @@ def _status_run(store: Storage, name: str) -> None:
     from rich.table import Table
 
     from poptune.progress import Snapshot, best_member, format_hparams, format_score
+    from poptune.report.data import member_status
 
     out = _stdout()
     info = _get_run(store, name)
@@ -126,7 +162,7 @@ def _status_run(store: Storage, name: str) -> None:
         table.add_row(
             str(row.id),
             f"{s.get('step', 0)}/{snap.steps}",
-            str(s.get("status", "?")),
+            member_status(str(s.get("status", "?")), info.status),
             format_score(None if score is None else float(score)),
             format_hparams(s.get("hparams") or {}),
             row.owner or "-",

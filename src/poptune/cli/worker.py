@@ -10,6 +10,11 @@ member left to train marks it so, exactly once); SIGINT or SIGTERM stop it after
 step, releasing its member for the other workers (exit 130). A worker killed outright loses its
 member to another worker once its heartbeat is ``heartbeat_timeout`` seconds old on the
 database's clock.
+
+A run trained by the serial executor (``poptune run`` with one worker) is held whole by that
+process, member by member, until it stops: a worker started while it is alive could never claim
+a member, so it says so and exits 1 at once instead of waiting. Once that process has stopped
+(or died), workers may join the run and finish it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from poptune.cli._common import (
     CLIError,
     _check_name,
     _checkpoint_folder,
+    _describe_holders,
     _first_line,
     _get_run,
+    _live_holders,
     _open_existing,
     _redact,
     _scrub,
@@ -213,6 +220,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 f"Run {name!r} failed: {_first_line(info.error or '')}; see `poptune status "
                 f"{name}{_storage_flag(url)}`."
             )
+        if info.status == "running" and info.execution.get("executor") == "serial":
+            holders = _live_holders(store, info)
+            if holders:
+                raise CLIError(
+                    f"Run {name!r} is trained by the serial executor, which holds every member "
+                    f"until it stops ({_describe_holders(holders)}): a worker can never claim "
+                    "one while it runs. Let it finish, or stop it (Ctrl-C) and continue with "
+                    f"`poptune resume {name} --executor processes --workers N{_storage_flag(url)}`"
+                    ", which workers can join."
+                )
         experiment, source = _experiment(info, args.file, url)
         root = _checkpoint_root(info)
         given = args.heartbeat_timeout
@@ -224,7 +241,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # The first worker of a run started without a timeout sets it for the others.
         before, timeout = join_run(store, name, given)
         options = _options(info, timeout, args)
-        serial = info.execution.get("executor") == "serial" and before == "running"
     worker_id = new_worker_id()
     _say(
         f"poptune worker {worker_id}: training run {name} of {_redact(url)} "
@@ -232,12 +248,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"{source}; checkpoints in {_checkpoint_folder(root, name)}; heartbeat timeout "
         f"{options.heartbeat_timeout:g} s."
     )
-    if serial:
-        _say(
-            "note: this run is trained by the serial executor, which holds every member: this "
-            "worker waits until it stops (start runs that take workers with --executor "
-            "processes)."
-        )
 
     def show(s: Stretch) -> None:
         if not args.quiet:

@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from poptune.experiment import Experiment
 
-__all__ = ["SourceError", "load_experiment"]
+__all__ = ["SourceError", "importing", "load_experiment"]
+
+#: The experiment files being imported by `load_experiment` right now (innermost last):
+#: `poptune.Experiment.run` refuses to start while one is, since a top-level ``run()`` call
+#: in such a file would train the run during the import, before poptune does.
+_IMPORTING: list[str] = []
+
+
+def importing() -> str | None:
+    """The experiment file `load_experiment` is importing right now, else None."""
+    return _IMPORTING[-1] if _IMPORTING else None
 
 
 class SourceError(ValueError):
@@ -49,7 +59,10 @@ def load_experiment(spec: str) -> tuple[Experiment, str]:
     """Imports ``FILE.py[:NAME]`` and returns its Experiment and the normalised source.
 
     Without ``NAME``, the file must define exactly one module-level `Experiment`. ``NAME`` may
-    also name a function taking no argument that returns one.
+    also name a function taking no argument that returns one, and may be a dotted path whose
+    parts are read in turn, calling a function met on the way: ``EXPERIMENT.baseline`` is the
+    random-search baseline of ``EXPERIMENT`` (`poptune.Experiment.baseline`), as ``poptune run
+    --baseline random`` records it.
     """
     from poptune.experiment import Experiment
 
@@ -68,6 +81,7 @@ def load_experiment(spec: str) -> tuple[Experiment, str]:
         if directory not in sys.path:
             sys.path.insert(0, directory)
         sys.modules[module_name] = module
+        _IMPORTING.append(path)
         try:
             loader_spec.loader.exec_module(module)
         except BaseException as e:
@@ -75,10 +89,16 @@ def load_experiment(spec: str) -> tuple[Experiment, str]:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise SourceError(f"Importing {path} failed: {type(e).__name__}: {e}") from e
+        finally:
+            _IMPORTING.pop()
     if name is not None:
-        if not hasattr(module, name):
-            raise SourceError(f"{path} has no {name!r}.")
-        obj = getattr(module, name)
+        obj: object = module
+        for part in name.split("."):
+            if obj is not module and not isinstance(obj, Experiment) and callable(obj):
+                obj = obj()
+            if not hasattr(obj, part):
+                raise SourceError(f"{path} has no {name!r}.")
+            obj = getattr(obj, part)
         if not isinstance(obj, Experiment) and callable(obj):
             obj = obj()
         if not isinstance(obj, Experiment):

@@ -36,6 +36,7 @@ __all__ = [
     "Stretch",
     "Summary",
     "build_report",
+    "member_status",
     "read_report",
 ]
 
@@ -209,6 +210,18 @@ class Report:
         if not values:
             return None
         return min(values), max(values)
+
+
+#: Run statuses in which nothing trains: a member recorded as running there is stopped.
+STOPPED_RUNS = frozenset({"interrupted", "failed"})
+
+
+def member_status(status: str, run_status: str) -> str:
+    """A member's status as views show it: ``stopped`` for a member recorded as ``running`` in
+    a run that is interrupted or failed (nothing trains it; it goes on when the run is
+    resumed), else as recorded. For display only: the stored state stays ``running``, which is
+    what a resume continues from."""
+    return "stopped" if status == "running" and run_status in STOPPED_RUNS else status
 
 
 def _finite(x: float | None) -> bool:
@@ -428,7 +441,7 @@ def build_report(
     members = tuple(
         MemberRow(
             id=m.id,
-            status=m.status,
+            status=member_status(m.status, status),
             step=m.step,
             score=m.score,
             rank=rank.get(m.id),

@@ -163,8 +163,9 @@ FIGURES: Sequence[tuple[str, str]] = (
 )
 
 
-def report_section(report: Report) -> str:
-    """The report's content (summary, figures, tables) as one ``<main>`` element."""
+def report_section(report: Report, *, extra: str = "") -> str:
+    """The report's content (summary, figures, tables) as one ``<main>`` element; ``extra``
+    (HTML: the comparison with another run, `poptune.report.compare`) goes after the tables."""
     s = report.summary
     parts = [
         f'<main id="report" data-version="{escape(report.version)}" '
@@ -180,6 +181,7 @@ def report_section(report: Report) -> str:
     parts.append(_population(report))
     parts.append("<h2>Failures</h2>")
     parts.append(_failures(report))
+    parts.append(extra)
     parts.append(
         '<p class="note">Hover over a line, bar or edge for its member, steps, score and '
         "hyperparameters.</p></main>"
@@ -199,8 +201,9 @@ def page(title: str, body: str, *, header: str = "", script: str = "") -> str:
     )
 
 
-def report_html(report: Report, *, source: str = "") -> str:
-    """The self-contained HTML report of a run (what ``poptune report`` writes)."""
+def report_html(report: Report, *, source: str = "", extra: str = "") -> str:
+    """The self-contained HTML report of a run (what ``poptune report`` writes); ``extra``:
+    as for `report_section`."""
     s = report.summary
     note = escape(
         f"poptune report of run {s.name}"
@@ -208,4 +211,4 @@ def report_html(report: Report, *, source: str = "") -> str:
         + f", written {_when(time.time())}"
         + ("; the run was still running" if s.status == "running" else "")
     )
-    return page(f"poptune: {s.name}", report_section(report), header=note)
+    return page(f"poptune: {s.name}", report_section(report, extra=extra), header=note)
