@@ -23,12 +23,17 @@ of) on gymnasium's built-in, numpy-vectorised ``CartPole-v1`` (no download).
   at random and copies it when its mean is significantly higher (Welch's t-test, alpha 0.05);
   `pt.Perturb()` then multiplies each hyperparameter by 0.8 or 1.2.
 * **The environment is the member's own** and is not in the checkpoint, like the noise of
-  ``examples/lr_schedule.py``: each member builds its environments once, seeded from its seed,
-  and a member that copies another takes the donor's network, optimizer state, random streams
-  and hyperparameters but goes on in its *own* environments (its episodes in progress included).
-  A member rebuilt from its checkpoint (by a worker process that did not hold it, or in a
-  resumed run) starts fresh environments from its seed: the run goes on correctly, but does not
-  replay episode for episode.
+  ``examples/lr_schedule.py``: each member builds its environments seeded from its seed, and a
+  member that copies another takes the donor's network, optimizer state, random streams and
+  hyperparameters but goes on in its *own* environments (its episodes in progress included).
+  A member is *rebuilt* (``setup`` runs again) whenever a worker process takes it back after
+  evicting it from its cache of live members (with 8 members on 2 workers, at nearly every
+  ready point), or in a resumed run: see ``docs/members.md``. Environments cannot be
+  checkpointed safely, so a rebuilt member loses its episodes in progress; what it keeps, as
+  plain data in ``extra_state``, is its counters (environment steps and episodes along its
+  lineage), and it reseeds its new environments from them and its own seed, so that a rebuild
+  starts new episodes instead of replaying the seed's first ones again. The run goes on
+  correctly, but does not replay episode for episode.
 
 Run it:  python examples/rl_cartpole.py [--smoke] [--baseline random] [--seed N]
                                         [--workers N --storage runs.db]
@@ -206,21 +211,43 @@ class CartPoleMember(TorchTrainable):
         self.entropy_cost = float(self.hparams["entropy_cost"])
         self.unroll_length = int(self.hparams["unroll_length"])
         self.frames = 0  # environment steps along this state's lineage
+        self.episodes = 0  # episodes finished along this state's lineage
+        self.fresh_envs = True  # reset from the member's seed, not stepped yet
 
+    # setup() runs again each time a worker rebuilds this member from its checkpoint, and the
+    # environments above start again from the member's seed: their episodes in progress are
+    # lost (a gymnasium environment cannot be checkpointed safely), and each rebuild would
+    # replay the same first episodes. The counters are plain data, so they are checkpointed
+    # here; step() reseeds rebuilt environments from them (see reseed()).
     def extra_state(self) -> Any:
-        return {"frames": self.frames}
+        return {"frames": self.frames, "episodes": self.episodes}
 
     def load_extra_state(self, state: Any) -> None:
         self.frames = int(state["frames"])
+        self.episodes = int(state.get("episodes", 0))
+
+    def reseed(self) -> None:
+        """Resets freshly built environments with a seed of the member's own (``self.seed``:
+        never the donor's) and of how far its lineage got, so that no rebuild replays the
+        episodes an earlier one began with."""
+        seed = np.random.SeedSequence([self.seed, self.frames]).generate_state(1)[0]
+        self.obs, _ = self.envs.reset(seed=int(seed) % 2**31)
+        self.resetting[:] = False
+        self.running_return[:] = 0.0
 
     def step(self) -> dict[str, float]:
+        if self.fresh_envs and self.frames:  # rebuilt from a checkpoint (or a donor's)
+            self.reseed()
+        self.fresh_envs = False
         rollouts = math.ceil(self.config.env_steps_per_step / self.unroll_length)
         finished: list[float] = []
         stats = [self.update(self.collect(finished)) for _ in range(rollouts)]
+        self.episodes += len(finished)
         return {
             "return": float(np.mean(finished)),
             "episodes": float(len(finished)),
             "frames": float(self.frames),
+            "episodes_total": float(self.episodes),
             "entropy": float(np.mean([s[0] for s in stats])),
             "value_loss": float(np.mean([s[1] for s in stats])),
             # The values in force, read back from the live objects.

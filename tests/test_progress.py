@@ -118,3 +118,125 @@ def test_the_view_while_nothing_was_exploited_has_no_lineage_lines(tmp_path: Pat
     assert "6/6 member-steps" in text
     assert "latest exploits" not in text
     assert re.search(r"best schedule member \d: 1-3 lr=[0-9.]+\n", text)
+
+
+# -- feedback before the first ready point, and an honest remaining time -------------------------
+
+
+def _info(status: str = "running", **execution: Any) -> Any:
+    from poptune.storage.base import RunInfo
+
+    config = {"population_size": 4, "steps": 100}
+    return RunInfo("r", config, "", status, None, None, 0.0, 0.0, execution=execution)
+
+
+def _rows(steps: list[int], owner: str | None = None) -> tuple[Any, ...]:
+    from poptune.storage.base import MemberRow
+
+    return tuple(
+        MemberRow({"id": i, "step": s, "status": "running"}, owner=owner)
+        for i, s in enumerate(steps)
+    )
+
+
+def test_no_remaining_time_is_estimated_before_the_first_committed_ready_point() -> None:
+    """Until this execution commits something, there is no rate to estimate from."""
+    from poptune.progress import Snapshot, estimate_remaining
+
+    waiting = Snapshot(_info(), _rows([0, 0, 0, 0], "w"), taken=400.0, trained=0)
+    assert estimate_remaining(waiting, (100.0, 0)) is None
+    assert estimate_remaining(waiting, None) is None
+    # The first ready point: 4 members x 10 steps in 100 s, 360 member-steps to go.
+    first = Snapshot(_info(), _rows([10, 10, 10, 10], "w"), taken=200.0, trained=40)
+    assert estimate_remaining(first, (100.0, 0)) == 900.0
+    # Once a stretch has passed since the first commit, the rate since that commit: steps
+    # still in training when it was seen no longer make the estimate too long.
+    later = Snapshot(_info(), _rows([30, 30, 30, 30], "w"), taken=300.0, trained=120)
+    assert estimate_remaining(later, (100.0, 0), (200.0, 40)) == 350.0  # 280 left, 80 in 100 s
+    early = Snapshot(_info(), _rows([20, 20, 20, 20], "w"), taken=250.0, trained=80)
+    assert estimate_remaining(early, (100.0, 0), (200.0, 40)) == 600.0  # too early: 80 in 150 s
+    done = Snapshot(_info("completed"), _rows([100] * 4), taken=300.0, trained=400)
+    assert estimate_remaining(done, (100.0, 0)) == 0.0
+
+
+def test_after_a_resume_the_rate_counts_only_this_executions_commits() -> None:
+    """A resumed run committed 200 member-steps before (and was stopped for a while): the rate
+    is what this execution committed since it started, not the run's whole history."""
+    from poptune.progress import Snapshot, estimate_remaining
+
+    origin = (1000.0, 200)  # this execution started at t=1000 with 200 member-steps committed
+    resumed = Snapshot(_info(), _rows([50] * 4, "w"), taken=1030.0, trained=200)
+    assert estimate_remaining(resumed, origin) is None  # its old commits are no rate
+    later = Snapshot(_info(), _rows([60] * 4, "w"), taken=1040.0, trained=240)
+    # 40 member-steps in 40 s: 160 left take 160 s (the run's whole 240 would say 26.7 s).
+    assert estimate_remaining(later, origin) == 160.0
+
+
+def test_the_view_says_what_happens_before_anything_is_committed() -> None:
+    """Before the first ready point the view names its phase and says "estimating", and it
+    moves on once a ready point is committed."""
+    from poptune.storage.base import MemberRow, ResultRow
+    from poptune.storage.memory import InMemoryStorage
+
+    store = InMemoryStorage()
+    view = RunProgress(store, "r")
+    assert view.activity(view.poll()) == "starting"
+    config = {"population_size": 2, "steps": 10}
+    rows = [MemberRow({"id": i, "step": 0, "status": "running"}) for i in (0, 1)]
+    store.create_run("r", config, "f", members=rows)
+    store.update_run("r", status="running", execution={"executor": "processes", "workers": 2})
+    assert view.activity(view.poll()) == "starting 2 workers"
+    with store.transaction("r") as tx:
+        tx.put_members([MemberRow(dict(r.state), owner="w1") for r in rows])
+    snap = view.poll()
+    assert view.activity(snap) == "training: 2 members claimed, no ready point yet"
+    assert view.remaining(snap) is None
+    assert "remaining estimating" in view.line(snap)
+    assert "estimating" in view.header(snap).plain
+    with store.transaction("r") as tx:
+        tx.add_results([ResultRow(i, s, 1.0, {"score": 1.0}) for i in (0, 1) for s in (1, 2)])
+    snap = view.poll()
+    assert view.activity(snap) == "training: 2 members claimed"
+    assert "remaining estimating" not in view.line(snap)
+    view.close()
+    assert store.get_run("r") is not None  # a storage it was given stays open
+
+
+def test_experiment_run_with_progress_writes_plain_lines_to_the_given_console() -> None:
+    """`Experiment.run(progress=console)` on a tiny in-memory run shows its progress as plain
+    lines (no terminal control codes), the first at once and the last at the end."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    exp = pt.Experiment(
+        pt.trainable(lambda hp, seed: 0.0, lambda x, hp: (x + hp["lr"], x + hp["lr"])),
+        {"lr": pt.Float(0.1, 1.0)},
+        population_size=3,
+        steps=20,
+        interval=5,
+    )
+    result = exp.run(name="tiny", progress=Console(file=buffer, force_terminal=False, width=300))
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) >= 2
+    assert all(re.match(r"\[[0-9.hms]+\] run tiny: ", line) for line in lines), lines
+    assert "completed; 100%" in lines[-1]
+    assert "60/60 member-steps" in lines[-1]
+    assert f"(member {result.best.id})" in lines[-1]
+    assert "\x1b[" not in buffer.getvalue()
+
+
+def test_experiment_run_shows_no_progress_when_stdout_is_not_a_terminal(
+    capsys: Any,
+) -> None:
+    """By default (stdout captured: no terminal, no notebook) nothing is printed; True prints."""
+    exp = pt.Experiment(
+        pt.trainable(lambda hp, seed: 0.0, lambda x, hp: (x + hp["lr"], x + hp["lr"])),
+        {"lr": pt.Float(0.1, 1.0)},
+        population_size=2,
+        steps=4,
+    )
+    exp.run()
+    assert capsys.readouterr().out == ""
+    exp.run(progress=True)
+    out = capsys.readouterr().out
+    assert "run run: completed; 100%" in out

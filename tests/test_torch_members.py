@@ -270,3 +270,21 @@ def test_members_close_and_free_their_gpu_memory() -> None:
 def test_a_plain_subclass_is_a_trainable() -> None:
     """TorchTrainable is a pt.Trainable: any executor runs it."""
     assert issubclass(TorchTrainable, pt.Trainable)
+
+
+@pytest.mark.slow
+def test_state_outside_the_tensors_survives_evictions_through_extra_state(tmp_path: Path) -> None:
+    """Two workers keeping one live member each (cache_size=1) rebuild members from their
+    checkpoints all the time, running setup() again, which restarts the data stream; the
+    position kept by extra_state() goes on exactly: the batch read at step s is the s-th."""
+    source = f"{WORKLOAD}:stream"
+    url = f"sqlite:///{tmp_path}/runs.db"
+    options = pt.RunOptions(cache_size=1, threads=1)
+    result = load_experiment(source)[0].run(url, "r", workers=2, options=options, source=source)
+    assert sorted(m.step for m in result.members) == [12] * 4
+    assert any(h.metrics["rebuilt"] == 1.0 and h.step > 1 for h in result.history), (
+        "no member was rebuilt mid-training: the test did not evict"
+    )
+    assert all(h.metrics["position"] == h.step for h in result.history), [
+        (h.member, h.step, h.metrics["position"]) for h in result.history
+    ]

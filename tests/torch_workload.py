@@ -89,3 +89,54 @@ def classifier() -> pt.Experiment:
         explore=pt.Perturb(),
         seed=0,
     )
+
+
+class Stream(TorchTrainable):
+    """A member reading a data stream whose position lives outside the tensors, as a data
+    loader's or an environment's does: `setup` starts it from the beginning, and
+    `extra_state` carries it across evictions. Each step reports the position it read
+    (``position``), whether `setup` ran since the last step (``rebuilt``), and its process's
+    math-library threads (``omp``: ``OMP_NUM_THREADS``, ``torch_threads``)."""
+
+    hparam_targets: ClassVar[dict[str, Any]] = {"lr": "optimizer.lr"}
+
+    def setup(self) -> None:
+        self.model = torch.nn.Linear(1, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.hparams["lr"])
+        self.position = 0  # a fresh loader starts at its first batch
+        self.fresh = True
+
+    def extra_state(self) -> Any:
+        return {"position": self.position}
+
+    def load_extra_state(self, state: Any) -> None:
+        self.position = int(state["position"])
+
+    def step(self) -> dict[str, float]:
+        self.position += 1
+        x = torch.full((4, 1), float(self.position % 7))
+        loss = (self.model(x) - 2 * x).pow(2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        rebuilt, self.fresh = self.fresh, False
+        return {
+            "score": -loss.item(),
+            "position": float(self.position),
+            "rebuilt": float(rebuilt),
+            "omp": float(os.environ.get("OMP_NUM_THREADS", "0")),
+            "torch_threads": float(torch.get_num_threads()),
+        }
+
+
+def stream() -> pt.Experiment:
+    return pt.Experiment(
+        trainable=Stream,
+        space={"lr": pt.Float(1e-3, 0.1, log=True)},
+        population_size=int(os.environ.get("TW_POP", "4")),
+        steps=int(os.environ.get("TW_STEPS", "12")),
+        interval=2,
+        exploit=pt.Truncation(0.25),
+        explore=pt.Perturb(),
+        seed=0,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ from poptune.strategies.explore import Perturb
 from poptune.trainable import Trainable
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from poptune.execution.session import RunOptions
     from poptune.loggers import Logger
     from poptune.storage.base import Storage
@@ -242,6 +245,7 @@ class Experiment:
         loggers: Sequence[Logger] | None = None,
         resources: Mapping[str, float] | None = None,
         ray_address: str | None = None,
+        progress: bool | Console | None = None,
     ) -> Result:
         """Runs the experiment and returns its `Result`.
 
@@ -293,6 +297,14 @@ class Experiment:
                 ``"HOST:PORT"``, ``"ray://HOST:PORT"``). None: the Ray connection this
                 process holds (``ray.init`` called before), else the address the run was
                 last executed with, else a local Ray instance started here.
+            progress: Show the run's progress while it trains, as ``poptune run`` does
+                (`poptune.progress.ProgressDisplay`): a live view on a terminal and in a
+                Jupyter notebook (in the cell; plain lines there without ipywidgets), a
+                plain line every few seconds elsewhere. It starts before the workers, says
+                what is happening until the first ready point ("training: 8 members
+                claimed, no ready point yet") and then estimates the time left from this
+                execution's rate. None: shown when stdout is a terminal or a notebook; True:
+                always; False: never; a rich ``Console``: drawn on it.
 
         Raises:
             poptune.ConfigMismatch: The run exists with another configuration.
@@ -310,6 +322,7 @@ class Experiment:
         """
         from poptune.execution import execute
         from poptune.execution.source import importing
+        from poptune.progress import display_for
 
         script = importing()
         if script is not None:
@@ -321,21 +334,23 @@ class Experiment:
                 "that block runs only with `python FILE.py`)."
             )
 
-        return execute(
-            self,
-            storage,
-            name,
-            workers=workers,
-            executor=executor,
-            resume=resume,
-            checkpoints=checkpoints,
-            source=source,
-            options=options,
-            devices=devices,
-            loggers=loggers,
-            resources=resources,
-            ray_address=ray_address,
-        )
+        storage, display = display_for(storage, name or "run", progress)
+        with display or contextlib.nullcontext():
+            return execute(
+                self,
+                storage,
+                name,
+                workers=workers,
+                executor=executor,
+                resume=resume,
+                checkpoints=checkpoints,
+                source=source,
+                options=options,
+                devices=devices,
+                loggers=loggers,
+                resources=resources,
+                ray_address=ray_address,
+            )
 
     def __repr__(self) -> str:
         return (

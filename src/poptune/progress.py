@@ -6,8 +6,17 @@ run's name, member-steps trained against the budget, exploits, failures, elapsed
 remaining time; a table of members; the best member's schedule so far; and the latest
 exploits, as ``member 3 <- member 7 at step 120: lr 0.012 -> 0.0096`` (what explore changed in
 the donor's hyperparameters).
-`ProgressDisplay` drives it: a rich ``Live`` view on a terminal, a plain line every few seconds
-elsewhere, or nothing.
+`ProgressDisplay` drives it: a rich ``Live`` view on a terminal (and in a Jupyter notebook, in the
+cell), a plain line every few seconds elsewhere (logs: no control codes), or nothing.
+`Experiment.run` shows it by default on a terminal or in a notebook (``progress=``).
+
+What the view says before the first ready point: nothing is committed until a member reaches
+one, which may take minutes; the view says what is happening meanwhile (`RunProgress.activity`:
+``starting 2 workers``, ``training: 8 members claimed, no ready point yet``) with the time
+elapsed, and "estimating" in place of a remaining time. The remaining time (`estimate_remaining`)
+is the member-steps left over the rate at which this execution has committed member-steps since
+its workers began to train: a resumed run's earlier executions, the time it was stopped, and
+the workers' start-up do not count.
 
 Example:
     >>> from rich.console import Console
@@ -44,10 +53,12 @@ __all__ = [
     "best_member",
     "compact_schedule",
     "describe_event",
+    "estimate_remaining",
     "format_changes",
     "format_duration",
     "format_hparams",
     "format_score",
+    "progress_mode",
 ]
 
 
@@ -180,6 +191,7 @@ class Snapshot:
         trained: Member-steps committed (results recorded, retrained steps included).
         recent: The latest lineage events as lines (`describe_event`), oldest first.
         schedule: The best member's schedule so far, compactly (`compact_schedule`).
+        claimed: Members a worker holds now (an owner in their row).
     """
 
     info: RunInfo | None
@@ -191,6 +203,7 @@ class Snapshot:
     trained: int = 0
     recent: tuple[str, ...] = ()
     schedule: str = ""
+    claimed: int = 0
 
     @property
     def budget(self) -> int:
@@ -222,27 +235,84 @@ class Snapshot:
         return min(1.0, done / max(1, self.population * self.steps))
 
 
-class RunProgress:
-    """Reads run ``name`` from ``storage_url`` and renders it.
+def estimate_remaining(
+    snap: Snapshot,
+    origin: tuple[float, int] | None,
+    first: tuple[float, int] | None = None,
+) -> float | None:
+    """Seconds left at the rate this execution commits member-steps; None while it cannot tell.
 
-    It opens its own storage (`poptune.storage.open_storage`) on the first `poll`, so it may be
-    used from a thread other than the one training. Reading errors are swallowed: the view
-    keeps its last snapshot (or shows "starting" until the run exists).
+    ``origin`` is ``(time, trained)``: when this execution started (``time.monotonic()``) and
+    how many member-steps the run had committed then. The rate is the member-steps committed
+    since over the time since, so a resumed run's earlier executions, and the time it spent
+    stopped, do not count, and neither does a run not started yet. None before this execution's
+    first commit (a ready point): until then a number would be a guess, and a wild one.
+
+    That rate is low at first: at any moment the members in training hold steps not committed
+    yet (up to an ``interval`` each). ``first``, ``(time, trained)`` when this execution's
+    first commit was seen, gives a better one once as much time has passed since it as before
+    it (a stretch of training, for every worker to commit again): the member-steps committed
+    since the first commit over the time since.
+
+    Example:
+        >>> from poptune.storage.base import MemberRow, RunInfo
+        >>> info = RunInfo("r", {"population_size": 2, "steps": 10}, "", "running", None, None,
+        ...                0.0, 0.0)
+        >>> rows = tuple(MemberRow({"id": i, "step": 5, "status": "running"}) for i in (0, 1))
+        >>> snap = Snapshot(info, rows, taken=160.0, trained=10)
+        >>> estimate_remaining(snap, (100.0, 0))  # 10 member-steps in 60 s, 10 to go
+        60.0
+    """
+    if origin is None or snap.info is None:
+        return None
+    if snap.fraction >= 1.0:
+        return 0.0
+    t0, trained0 = origin
+    done = snap.trained - trained0
+    if done <= 0 or snap.taken <= t0:
+        return None
+    rate = done / (snap.taken - t0)
+    if first is not None:
+        t1, trained1 = first
+        if snap.trained > trained1 and snap.taken - t1 >= t1 - t0 > 0:
+            rate = (snap.trained - trained1) / (snap.taken - t1)
+    return snap.budget * (1.0 - snap.fraction) / rate
+
+
+class RunProgress:
+    """Reads run ``name`` from ``storage`` and renders it.
+
+    Given a URL, it opens its own storage (`poptune.storage.open_storage`) on the first `poll`,
+    so it may be used from a thread other than the one training; a `Storage` object (an
+    in-memory run's) is read as it is (storages are safe to share between threads) and left
+    open. Reading errors are swallowed: the view keeps its last snapshot (or shows "starting"
+    until the run exists).
+
+    Remaining time (`estimate_remaining`): at the rate of the member-steps committed since the
+    view first saw a member claimed (the workers' start-up is a fixed cost, not a rate; when it
+    saw none before a commit, since the view was made), counting only those committed after
+    its first read; then, one stretch after the first commit, at the rate since that commit.
+    Make it when the execution starts, before its workers.
 
     Args:
-        storage_url: The run's storage URL.
+        storage: The run's storage URL, or the storage.
         name: The run's name.
         recent: How many of the latest lineage events the view shows.
     """
 
-    def __init__(self, storage_url: str, name: str, *, recent: int = 5) -> None:
-        self.storage_url = storage_url
+    def __init__(self, storage: str | Storage, name: str, *, recent: int = 5) -> None:
+        self.storage_url = storage if isinstance(storage, str) else storage.display_url
         self.name = name
         self.recent = recent
         self.started = time.monotonic()
-        self._store: Storage | None = None
+        self._borrowed = None if isinstance(storage, str) else storage
+        self._store: Storage | None = self._borrowed
         self._snapshot: Snapshot | None = None
-        self._origin: tuple[float, float] | None = None  # (time, fraction) of the first read
+        # (when this execution started training, member-steps committed then): the first
+        # read's count, and the time of the first read that saw a member claimed.
+        self._origin: tuple[float, int] | None = None
+        self._working = False
+        self._first: tuple[float, int] | None = None  # when this execution's first commit was seen
         self._lock = threading.Lock()
         # Followed incrementally (`Storage.results` and `events` with start=): each record is
         # read once, not at every look.
@@ -257,11 +327,23 @@ class RunProgress:
             try:
                 snap = self._read()
             except Exception:
-                if self._store is not None:
+                if self._store is not None and self._borrowed is None:
                     self._close_store()
                 return self._snapshot or Snapshot(info=None, taken=time.monotonic())
             if snap.info is not None and self._origin is None:
-                self._origin = (snap.taken, snap.fraction)
+                self._origin = (self.started, snap.trained)
+            if (
+                not self._working
+                and self._origin is not None
+                and snap.claimed
+                and snap.trained == self._origin[1]
+            ):
+                # The workers are up: their start (spawning, importing torch) is a fixed cost,
+                # not a rate that the rest of the run will go at.
+                self._working = True
+                self._origin = (snap.taken, snap.trained)
+            if self._first is None and self._origin and snap.trained > self._origin[1]:
+                self._first = (snap.taken, snap.trained)
             self._snapshot = snap
             return snap
 
@@ -295,6 +377,7 @@ class RunProgress:
             trained=self._trained,
             recent=tuple(self._lines[-self.recent :]),
             schedule=self._schedule(info, members, initial),
+            claimed=sum(1 for r in members if r.owner is not None),
         )
 
     def _schedule(
@@ -319,7 +402,7 @@ class RunProgress:
 
     def _close_store(self) -> None:
         store, self._store = self._store, None
-        if store is not None:
+        if store is not None and store is not self._borrowed:
             with contextlib.suppress(Exception):  # closing a broken connection may fail too
                 store.close()
 
@@ -334,16 +417,35 @@ class RunProgress:
         return self._snapshot or self.poll()
 
     def remaining(self, snap: Snapshot) -> float | None:
-        """Estimated seconds left, from the progress made since this view's first read."""
-        if self._origin is None or snap.info is None:
-            return None
-        t0, f0 = self._origin
-        f = snap.fraction
-        if f >= 1.0:
-            return 0.0
-        if f <= f0 or snap.taken <= t0:
-            return None
-        return (snap.taken - t0) * (1.0 - f) / (f - f0)
+        """Estimated seconds left (`estimate_remaining`), from the member-steps committed since
+        this view started; None before the first of them."""
+        return estimate_remaining(snap, self._origin, self._first)
+
+    def activity(self, snap: Snapshot | None = None) -> str:
+        """What the run is doing now, in words; it changes before anything is committed:
+        ``starting``, ``starting 2 workers``, ``training: 8 members claimed, no ready point
+        yet``, ``training: 6 members claimed``, or the run's status once it is over."""
+        snap = snap or self.snapshot
+        info = snap.info
+        if info is None:
+            return "starting"
+        committed = self._origin is not None and snap.trained > self._origin[1]
+        if info.status in ("completed", "failed") or (info.status != "running" and committed):
+            return info.status
+        if snap.claimed == 0 and not committed:
+            workers = info.execution.get("workers")
+            executor = info.execution.get("executor")
+            if executor in ("processes", "ray") and workers:
+                return f"starting {workers} worker{'s' if workers != 1 else ''}"
+            return "starting"
+        claimed = f"{snap.claimed} member{'s' if snap.claimed != 1 else ''} claimed"
+        if not committed:
+            return f"training: {claimed}, no ready point yet"
+        return f"training: {claimed}"
+
+    def _left(self, snap: Snapshot) -> str:
+        left = self.remaining(snap)
+        return "estimating" if left is None else "~" + format_duration(left) + " left"
 
     def header(self, snap: Snapshot | None = None) -> Text:
         """One line: run, status, progress, member-steps trained against the budget
@@ -355,13 +457,12 @@ class RunProgress:
         if snap.info is None:
             text.append(f" · starting · {elapsed} elapsed")
             return text
-        left = self.remaining(snap)
         text.append(f" · {snap.info.status} {snap.fraction:.0%}")
         text.append(f" · {snap.trained}/{snap.budget} member-steps")
         text.append(f" · {snap.exploits} exploits")
         text.append(f" · {snap.failures} failures", style="red" if snap.failures else "")
         text.append(f" · {elapsed} elapsed")
-        text.append(f" · {'~' + format_duration(left) if left is not None else '?'} left")
+        text.append(f" · {self._left(snap)}")
         return text
 
     def table(self, snap: Snapshot | None = None) -> Table:
@@ -410,7 +511,8 @@ class RunProgress:
         snap = self.snapshot
         if snap.info is None:
             return self.header(snap)
-        parts: list[RenderableType] = [self.header(snap), self.table(snap)]
+        parts: list[RenderableType] = [self.header(snap), Text(self.activity(snap), style="dim")]
+        parts.append(self.table(snap))
         if snap.schedule or snap.recent:
             parts.append(self.lineage(snap))
         return Group(*parts)
@@ -429,27 +531,44 @@ class RunProgress:
             else "best -"
         )
         return (
-            f"[{elapsed}] run {self.name}: {snap.fraction:.0%}, {best_text}, "
-            f"{snap.trained}/{snap.budget} member-steps, "
+            f"[{elapsed}] run {self.name}: {self.activity(snap)}; {snap.fraction:.0%}, "
+            f"{best_text}, {snap.trained}/{snap.budget} member-steps, "
             f"exploits {snap.exploits}, failures {snap.failures}, "
-            f"remaining {'~' + format_duration(left) if left is not None else '?'}"
+            f"remaining {'~' + format_duration(left) if left is not None else 'estimating'}"
         )
 
 
 Mode = Literal["live", "lines", "off"]
 
 
+def progress_mode(console: Console | None = None, *, terminal: bool | None = None) -> Mode:
+    """How to show progress on ``console`` (stdout's by default): ``"live"`` on a terminal and
+    in a Jupyter notebook with ipywidgets (rich draws the view in the cell), ``"lines"``
+    elsewhere (logs, pipes, a notebook without ipywidgets). ``terminal``: whether stdout is a
+    terminal, when known better than ``console`` knows it."""
+    console = console or Console()
+    if console.is_jupyter:
+        import importlib.util
+
+        # rich's Live draws in a notebook through ipywidgets; without it, only at the end.
+        return "live" if importlib.util.find_spec("ipywidgets") is not None else "lines"
+    tty = console.is_terminal if terminal is None else terminal
+    return "live" if tty and not console.is_dumb_terminal else "lines"
+
+
 class ProgressDisplay:
     """Shows a run's progress while the calling thread trains it.
 
     A background thread polls the storage every ``interval`` seconds. ``"live"`` redraws a rich
-    ``Live`` view; ``"lines"`` prints `RunProgress.line` every ``line_every`` seconds; ``"off"``
-    shows nothing. Use it as a context manager around the training.
+    ``Live`` view; ``"lines"`` prints `RunProgress.line` at once, then every ``line_every``
+    seconds, and once more at the end; ``"off"`` shows nothing. Use it as a context manager
+    around the training, entered before the workers start: the view's clock, and the rate its
+    remaining time is estimated from, start when it is made.
 
     Args:
-        storage_url: The run's storage URL.
+        storage: The run's storage URL, or the storage (see `RunProgress`).
         name: The run's name.
-        mode: ``"live"``, ``"lines"`` or ``"off"``.
+        mode: ``"live"``, ``"lines"`` or ``"off"``; see `progress_mode`.
         console: Where to draw (stdout by default).
         interval: Seconds between reads of the storage.
         line_every: Seconds between plain lines.
@@ -457,7 +576,7 @@ class ProgressDisplay:
 
     def __init__(
         self,
-        storage_url: str,
+        storage: str | Storage,
         name: str,
         *,
         mode: Mode = "live",
@@ -465,7 +584,7 @@ class ProgressDisplay:
         interval: float = 0.5,
         line_every: float = 5.0,
     ) -> None:
-        self.progress = RunProgress(storage_url, name)
+        self.progress = RunProgress(storage, name)
         self.mode = mode
         self.console = console or Console()
         self.interval = interval
@@ -480,16 +599,20 @@ class ProgressDisplay:
         except Exception:
             return Text(f"run {self.progress.name}")
 
+    def _print_line(self) -> None:
+        with contextlib.suppress(Exception):  # never let the view break the run
+            self.console.print(self.progress.line(), markup=False, highlight=False, soft_wrap=True)
+
     def _loop(self) -> None:
         last_line = time.monotonic()
+        if self.mode == "lines":
+            self.progress.poll()
+            self._print_line()  # at once: something to see before any worker has started
         while not self._stop.wait(self.interval):
             self.progress.poll()
             if self.mode == "lines" and time.monotonic() - last_line >= self.line_every:
                 last_line = time.monotonic()
-                with contextlib.suppress(Exception):  # never let the view break the run
-                    self.console.print(
-                        self.progress.line(), markup=False, highlight=False, soft_wrap=True
-                    )
+                self._print_line()
 
     def __enter__(self) -> ProgressDisplay:
         if self.mode == "off":
@@ -516,8 +639,57 @@ class ProgressDisplay:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.mode != "off" and exc_type is None:
+            self.progress.poll()  # the final state, not the one of half a second ago
+            if self.mode == "lines":
+                self._print_line()
         if self._live is not None:
-            if exc_type is None:
-                self.progress.poll()  # the final state, not the one of half a second ago
             self._live.stop()
         self.progress.close()
+
+
+def display_for(
+    storage: str | Storage | None, name: str, progress: bool | Console | None
+) -> tuple[str | Storage | None, ProgressDisplay | None]:
+    """The progress display `Experiment.run` shows, and the storage to run with.
+
+    ``progress``: None shows it when stdout is a terminal or a Jupyter notebook; True always
+    (as `progress_mode` says: live on a terminal or in a notebook, plain lines elsewhere);
+    False never; a rich ``Console``: on that console, as `progress_mode` says for it. An
+    in-memory run (``storage`` None or ``memory://``) is created here, so that the display can
+    read the very storage the run is kept in.
+    """
+    import sys
+
+    if progress is None:
+        console = Console()
+        if not (sys.stdout.isatty() or console.is_jupyter):
+            return storage, None
+    elif progress is False:
+        return storage, None
+    elif progress is True:
+        console = Console()
+    elif isinstance(progress, Console):
+        console = progress
+    else:
+        raise ValueError(
+            f"`progress` must be None, True, False or a rich Console, but got {progress!r}."
+        )
+    from poptune.storage import open_storage, storage_url
+    from poptune.storage.base import Storage
+
+    source: str | Storage
+    if isinstance(storage, Storage):
+        source = storage
+    else:
+        try:
+            url = storage_url(storage) if storage is not None else "memory://"
+        except Exception:
+            return storage, None  # the run itself says what is wrong with it
+        if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+            return storage, None  # SQLite in memory: another connection sees another database
+        source = open_storage(url) if url.startswith("memory://") else url
+        storage = source if url.startswith("memory://") else storage
+    terminal = sys.stdout.isatty() if console.file is sys.stdout else None
+    mode = progress_mode(console, terminal=terminal)
+    return storage, ProgressDisplay(source, name, mode=mode, console=console)

@@ -115,8 +115,14 @@ def replay(
     name: str | None = None,
     seed: int | None = None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> Replay:
     """Trains one fresh member along ``member``'s schedule and records it as a run.
+
+    The member trains with the math-library threads (torch, OpenMP, BLAS) that each of the
+    run's workers had: as fast as it trained in the run, and without one thread per core
+    fighting the other processes of the machine for them. This process's setting is put back
+    afterwards.
 
     Args:
         source: The run whose schedule is replayed (`Experiment.run` or `poptune.load`).
@@ -128,6 +134,9 @@ def replay(
         seed: The replayed member's seed; None: the root ancestor's (see the module
             docstring).
         device: Where to build the member (``"cuda:0"``); by default the member's own default.
+        threads: Math-library threads while it trains (>= 1); None: ``OMP_NUM_THREADS`` when
+            the environment sets it, else each of the run's workers' share of the cores
+            (`poptune.execution.threads.member_threads`).
 
     Raises:
         ValueError: No such member, a member with no history to replay, no experiment to
@@ -136,6 +145,7 @@ def replay(
     """
     from poptune.execution.lifecycle import read_metrics
     from poptune.execution.session import fingerprint, load_result
+    from poptune.execution.threads import limited_threads, member_threads
     from poptune.trainable import MemberContext, Trainable, set_worker_device, worker_device
 
     record = _member(source, member)
@@ -145,7 +155,12 @@ def replay(
             f"Member {record.id} of run {source.name!r} has no history to replay (it is at "
             f"step {record.step}: it never trained a step)."
         )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"`threads` must be None or an integer >= 1, but got {threads!r}.")
     exp = _experiment(source, experiment)
+    count = member_threads(threads, source.states.execution if source.states else {})
     root = schedule[0].member
     member_seed_ = member_seed(exp.seed, root) if seed is None else _check_seed(seed)
     name = name or replay_name(source.name, record.id)
@@ -161,34 +176,37 @@ def replay(
         before = worker_device()
         set_worker_device(device if device is not None else before)
         try:
-            trainable = exp.trainable(dict(schedule[0].hparams), member_seed_)
-            if not isinstance(trainable, Trainable):
-                raise ValueError(
-                    f"`trainable` must build a pt.Trainable, but {exp.trainable!r} returned "
-                    f"{type(trainable).__name__}."
-                )
-            results: list[ResultRow] = []
-            events: list[Event] = []
-            segment: int | None = None
-            try:
-                current = dict(schedule[0].hparams)
-                trainable.set_hparams(current)
-                trainable.context = MemberContext(
-                    run=name, member=record.id, worker="replay", step=0, device=worker_device()
-                )
-                for s in schedule:
-                    if dict(s.hparams) != current:
-                        segment = len(events)
-                        events.append(_switch(segment, record.id, s.step - 1, current, s.hparams))
-                        current = dict(s.hparams)
-                        trainable.set_hparams(current)
-                    metrics, score = read_metrics(trainable.step(), exp.metric)
-                    results.append(
-                        ResultRow(record.id, s.step, score, metrics, segment, worker_device())
+            with limited_threads(count):
+                trainable = exp.trainable(dict(schedule[0].hparams), member_seed_)
+                if not isinstance(trainable, Trainable):
+                    raise ValueError(
+                        f"`trainable` must build a pt.Trainable, but {exp.trainable!r} returned "
+                        f"{type(trainable).__name__}."
                     )
-                state = trainable.state_dict()
-            finally:
-                trainable.close()
+                results: list[ResultRow] = []
+                events: list[Event] = []
+                segment: int | None = None
+                try:
+                    current = dict(schedule[0].hparams)
+                    trainable.set_hparams(current)
+                    trainable.context = MemberContext(
+                        run=name, member=record.id, worker="replay", step=0, device=worker_device()
+                    )
+                    for s in schedule:
+                        if dict(s.hparams) != current:
+                            segment = len(events)
+                            events.append(
+                                _switch(segment, record.id, s.step - 1, current, s.hparams)
+                            )
+                            current = dict(s.hparams)
+                            trainable.set_hparams(current)
+                        metrics, score = read_metrics(trainable.step(), exp.metric)
+                        results.append(
+                            ResultRow(record.id, s.step, score, metrics, segment, worker_device())
+                        )
+                    state = trainable.state_dict()
+                finally:
+                    trainable.close()
         finally:
             set_worker_device(before)
         end = schedule[-1].step

@@ -142,13 +142,15 @@ class StateAccess:
     that reads them (or a function returning it, opened when first needed), how to build
     a member (the experiment, or the ``FILE.py:NAME`` it was loaded from), and the storage
     the run is kept in (a URL or a `poptune.storage.base.Storage`; `Result.replay` records
-    there)."""
+    there), and how it was last executed (`poptune.storage.base.RunInfo.execution`: its
+    workers, for the threads a member gets outside them)."""
 
     locations: Mapping[int, str | None]
     store: Any = None
     experiment: Any = None
     source: str | None = None
     storage: Any = None
+    execution: Mapping[str, Any] = field(default_factory=dict)
 
     def opened(self) -> Any:
         store = self.store
@@ -205,11 +207,22 @@ class Result:
         return self.states.opened().load(location)
 
     def load_member(
-        self, member: int | None = None, *, device: str | None = None, experiment: Any = None
+        self,
+        member: int | None = None,
+        *,
+        device: str | None = None,
+        experiment: Any = None,
+        threads: int | None = None,
     ) -> Any:
         """A member's trainable, ready to use: built with its hyperparameters (on ``device``
         for a `poptune.torch.TorchTrainable`), its latest state loaded, then its
         hyperparameters applied. The best member by default.
+
+        It sets this process's torch threads (``torch.set_num_threads``, when torch is
+        imported) as a worker process's are set, for the member it returns to train or
+        evaluate here as it did in the run: ``threads``; else ``OMP_NUM_THREADS`` when the
+        environment sets it; else the share of the cores each of the run's workers had (all
+        of them for a run trained in one process). See `poptune.execution.threads`.
 
         Args:
             member: The member's id; the best member when None.
@@ -217,8 +230,10 @@ class Result:
                 default.
             experiment: The `poptune.Experiment` that builds members; by default the one that
                 ran (or, for `poptune.load`, the one its ``FILE.py:NAME`` source defines).
+            threads: This process's torch threads from now on (>= 1); None: as said above.
         """
         from poptune.execution.lifecycle import build_member
+        from poptune.execution.threads import member_threads, set_torch_threads
         from poptune.trainable import set_worker_device, worker_device
 
         record = self.best if member is None else self.member(member)
@@ -233,6 +248,8 @@ class Result:
                 f"Run {self.name!r}: pass experiment= to build its members (it was not "
                 "started from a file poptune can load again)."
             )
+        _check_threads(threads)
+        set_torch_threads(member_threads(threads, self.states.execution if self.states else {}))
         before = worker_device()
         set_worker_device(device if device is not None else before)
         try:
@@ -252,6 +269,7 @@ class Result:
         name: str | None = None,
         seed: int | None = None,
         device: str | None = None,
+        threads: int | None = None,
     ) -> Replay:
         """Trains one fresh member from scratch along a member's schedule (the best member's
         by default), records it as a run of its own (``RUN-replay-mID``, in this run's
@@ -260,7 +278,8 @@ class Result:
 
         The member is built by ``experiment`` (by default the one that ran, or the one its
         ``FILE.py:NAME`` source defines) with the seed of the schedule's root ancestor, or
-        ``seed``. See `poptune.replay.replay` for the arguments and the seed rule.
+        ``seed``, with the math-library threads the run's workers had, or ``threads``. See
+        `poptune.replay.replay` for the arguments and the seed rule.
 
         Example:
             >>> replay = result.replay()  # doctest: +SKIP
@@ -277,6 +296,7 @@ class Result:
             name=name,
             seed=seed,
             device=device,
+            threads=threads,
         )
 
     @property
@@ -368,3 +388,10 @@ class Result:
                 break
             current, limit = ev.donor, ev.index
         return chain[::-1]
+
+
+def _check_threads(threads: object) -> None:
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"`threads` must be None or an integer >= 1, but got {threads!r}.")

@@ -184,11 +184,28 @@ class TorchTrainable(Trainable):
         raise NotImplementedError
 
     def extra_state(self) -> Any:
-        """Anything else to checkpoint (returned with the modules and optimizers)."""
+        """The member's state outside its modules, optimizers and schedulers: saved with every
+        checkpoint (returned by `state_dict`), so that it survives a rebuild.
+
+        A worker builds a member again (``setup`` runs again) whenever it takes back a member
+        it evicted from its cache of live trainables, or one another worker trained last (see
+        `poptune.Trainable`): what ``setup`` creates starts again from its seed. Return here
+        what must go on instead, such as a data loader's position, an episode counter or the
+        offset of the next environment seed, as plain data (numbers, strings, lists, dicts,
+        numpy arrays; tensors too): checkpoints are loaded safely unless the experiment sets
+        ``allow_pickle=True``. None by default.
+
+        Example:
+            >>> def extra_state(self):  # doctest: +SKIP
+            ...     return {"batch": self.batch, "episodes": self.episodes}
+        """
         return None
 
     def load_extra_state(self, state: Any) -> None:
-        """Restores what `extra_state` returned."""
+        """Restores what `extra_state` returned, after every load: the member's own checkpoint
+        after a rebuild, or a donor's at an exploit (the extra state follows the weights). It
+        runs after ``setup`` on a rebuilt member, and before `set_hparams`. ``state`` is None
+        for a checkpoint whose `extra_state` returned None."""
 
     # -- state -------------------------------------------------------------------------------
 

@@ -62,6 +62,25 @@ class Trainable:
     `load_state_dict`, so a loaded optimizer state never brings back the donor's old learning
     rate. `close` is called when the member leaves a worker (to free GPU memory, files...).
 
+    When a trainable is built (its constructor runs; for a `poptune.torch.TorchTrainable`,
+    its ``setup``): not once per member, but whenever a process needs the member live and holds
+    no live trainable of it. That is when a worker first trains the member; every time a
+    worker takes back a member it evicted from its cache of live trainables
+    (`poptune.RunOptions.cache_size`, 3 by default: with 8 members on 2 workers it happens all
+    the time) or that another worker trained last; when a retried member is restored; when a
+    run resumes; when a member copies a donor whose ``mutable=False`` hyperparameters differ;
+    in `poptune.Result.load_member`; and once in a replay (which trains from scratch). Each
+    of these builds but a member's very first, a fresh replacement's and a replay's is
+    followed by `load_state_dict` of the member's checkpoint, then `set_hparams`. So
+    whatever the constructor creates and `state_dict` does not hold (an environment and its
+    episodes in progress, a data loader's position, a counter) starts again from its seed on
+    every rebuild. Put such state in `state_dict` (here, you write it), or in
+    `poptune.torch.TorchTrainable.extra_state`, as plain data (numbers, strings, lists,
+    dicts, numpy arrays: checkpoints are loaded safely unless the experiment sets
+    ``allow_pickle=True``); it is then saved with every checkpoint and restored after every
+    rebuild, and, like the weights, copied from the donor at an exploit. See
+    ``docs/members.md``.
+
     Attributes:
         hparams: The hyperparameters in force.
         seed: This member's seed.

@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="math-library threads of this worker (default: OMP_NUM_THREADS, else the "
-        "libraries' own default; give each of several workers on a machine its share)",
+        help="math-library threads of this worker (default: OMP_NUM_THREADS, else the cores "
+        "divided among this worker and the processes of this machine training the run)",
     )
     p.add_argument(
         "--heartbeat-timeout",
@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DEV",
         help="where to train it (cpu, cuda:0; default: the member's own default)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="math-library threads it trains with (default: OMP_NUM_THREADS, else the share of "
+        "the cores each of the run's workers had)",
     )
     _add_storage(p)
     p.set_defaults(func=cmd_replay)

@@ -42,7 +42,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     experiment, _ = load_experiment(info.source)
     started = time.monotonic()
     done = replay(
-        result, member, experiment=experiment, name=target, seed=args.seed, device=args.device
+        result,
+        member,
+        experiment=experiment,
+        name=target,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
     )
     seconds = time.monotonic() - started
     schedule = done.result.schedule()

@@ -143,6 +143,7 @@ def _train(
                 loggers=loggers,
                 resources=_resources(args),
                 ray_address=args.ray_address,
+                progress=False,  # the display above shows it
             )
     except KeyboardInterrupt:
         print(

@@ -44,10 +44,12 @@ from poptune.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from poptune.execution.session import RunOptions
     from poptune.execution.worker import Stretch
     from poptune.experiment import Experiment
-    from poptune.storage.base import RunInfo
+    from poptune.storage.base import MemberRow, RunInfo
 
 #: File systems on which SQLite's locks do not hold across machines.
 NETWORK_FILESYSTEMS = frozenset(
@@ -192,6 +194,15 @@ def _options(info: RunInfo, timeout: float, args: argparse.Namespace) -> RunOpti
         raise CLIError(str(e), USAGE) from None
 
 
+def _threads(args: argparse.Namespace, rows: Sequence[MemberRow]) -> int:
+    """``--threads``, else ``OMP_NUM_THREADS``, else this worker's share of the cores beside
+    the processes of this machine that hold the run's members: a worker using every core
+    made a 2-worker run on 2 cores 2.5 times slower."""
+    from poptune.execution.threads import worker_threads
+
+    return worker_threads(args.threads, rows)
+
+
 def _say(text: str) -> None:
     print(_scrub(text), flush=True)
 
@@ -241,12 +252,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # The first worker of a run started without a timeout sets it for the others.
         before, timeout = join_run(store, name, given)
         options = _options(info, timeout, args)
+        threads = _threads(args, store.members(name))
     worker_id = new_worker_id()
     _say(
         f"poptune worker {worker_id}: training run {name} of {_redact(url)} "
         f"({'joined, was ' + before if before != 'running' else 'running'}); experiment "
         f"{source}; checkpoints in {_checkpoint_folder(root, name)}; heartbeat timeout "
-        f"{options.heartbeat_timeout:g} s."
+        f"{options.heartbeat_timeout:g} s; {threads} math-library thread"
+        f"{'s' if threads != 1 else ''}."
     )
 
     def show(s: Stretch) -> None:
@@ -256,19 +269,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 f"{s.score:.6g} (commit {1000 * s.commit_seconds:.0f} ms)"
             )
 
+    from poptune.execution.threads import limited_threads
+
     try:
-        report = work(
-            url,
-            name,
-            root,
-            options,
-            experiment=experiment,
-            device=devices[0] if devices else None,
-            threads=args.threads,
-            worker_id=worker_id,
-            handle_signals=True,
-            on_commit=show,
-        )
+        # Put back afterwards: `main` may run in a caller's process (tests do).
+        with limited_threads(threads):
+            report = work(
+                url,
+                name,
+                root,
+                options,
+                experiment=experiment,
+                device=devices[0] if devices else None,
+                threads=threads,
+                worker_id=worker_id,
+                handle_signals=True,
+                on_commit=show,
+            )
     except RunFailed as e:
         raise CLIError(
             f"{_first_line(str(e)).rstrip(':')}; see `poptune status {name}{_storage_flag(url)}`"

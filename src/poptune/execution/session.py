@@ -567,6 +567,7 @@ def load_result(
             experiment=experiment,
             source=info.source,
             storage=storage_ref if storage_ref is not None else storage,
+            execution=dict(info.execution),
         ),
     )
 
