@@ -22,7 +22,7 @@ from poptune.storage import open_storage  # noqa: E402
 
 #: A small MLP member on generated data. ``FORMAT`` (an environment variable) stands for
 #: something outside the file that its checkpoints depend on (a library version, say).
-MEMBER = '''
+MEMBER = """
 import os
 
 import torch
@@ -82,7 +82,7 @@ EXPERIMENT = pt.Experiment(
     metric="acc",
     seed=0,
 )
-'''
+"""
 
 
 def write(folder: Path, hidden: int = 32, target: str = "model.dropout.p", lr_high: float = 0.1):
@@ -170,6 +170,34 @@ class Boxed(pt.Trainable):
 
     def load_state_dict(self, state: Any) -> None:
         pass
+
+
+def test_a_worker_that_cannot_build_members_does_not_join(tmp_path: Path) -> None:
+    """`poptune worker` checks a member before it joins: with the bad target it prints the
+    cause and exits 1, having claimed nothing and left the run as it was."""
+    path = write(tmp_path, target="model.dropout3.p")
+    url = f"sqlite:///{tmp_path}/runs.db"
+    with pytest.raises(ConfigurationStop):
+        load(path).run(url, "r", source=str(path))
+    with open_storage(url) as store:
+        before = store.get_run("r")
+    env = {**os.environ, "PYTHONPATH": str(Path(pt.__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "poptune", "worker", "r", "exp.py", "--storage", url],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "'model.dropout3.p' does not exist on this member" in proc.stderr
+    assert "the run is left as it was" in proc.stderr
+    with open_storage(url) as store:
+        after = store.get_run("r")
+        assert after is not None and before is not None
+        assert (after.status, after.error) == (before.status, before.error)
+        assert all(r.owner is None for r in store.members("r"))
 
 
 def test_a_state_safe_loading_refuses_stops_in_the_save_stage(tmp_path: Path) -> None:
