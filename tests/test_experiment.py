@@ -84,7 +84,10 @@ class Factory:
         return t
 
     def records(self, member: int) -> list[dict[str, Any]]:
-        return sorted((r for t in self.built[member] for r in t.trace), key=lambda r: r["seq"])
+        # Members that trained: the check before the run (`poptune.execution.preflight`)
+        # builds one, loads its own state into it and never steps it.
+        trained = [t for t in self.built[member] if any(r["kind"] == "step" for r in t.trace)]
+        return sorted((r for t in trained for r in t.trace), key=lambda r: r["seq"])
 
 
 LR_SPACE = {"lr": pt.Float(1e-3, 1.0, log=True)}

@@ -311,7 +311,11 @@ class Experiment:
             poptune.storage.StorageError: The storage cannot be used, or the checkpoint folder
                 belongs to another run.
             poptune.RunFailed: Too many members failed for good, or user code is configured
-                wrongly (a metric step() never returns).
+                wrongly (a metric step() never returns). A
+                `poptune.execution.ConfigurationStop` when user code cannot build,
+                checkpoint or restore a member (checked on one member before any worker
+                starts: `poptune.execution.preflight`): no member failed, and the run is
+                kept to resume once the file is fixed.
             poptune.RunInterrupted: The run stopped before it completed (its workers stopped
                 or could not start); resume it by running it again.
             KeyboardInterrupt: On Ctrl-C, after everything committed has been flushed and

@@ -81,7 +81,9 @@ class Counter(pt.Trainable):
                 if os.path.exists(mark):
                     continue
                 open(mark, "a").close()
-            raise RuntimeError(f"injected failure in {method}")
+            # Each member's message its own: the same restore failure in two members is
+            # the code's fault, which stops the run (`Lifecycle.record_failure`).
+            raise RuntimeError(f"injected failure in {method} (seed {seed})")
 
     def _lock(self) -> str | None:
         folder = os.environ.get("WL_LOCKS")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from poptune.cli._common import (
     INTERRUPTED,
+    RUNTIME,
     USAGE,
     CLIError,
     _check_name,
@@ -114,7 +115,7 @@ def _train(
     checkpoints: str | None,
 ) -> int:
     """Runs the experiment with a progress view, then prints the summary (or the interruption)."""
-    from poptune.execution.session import RunFailed
+    from poptune.execution.session import ConfigurationStop, RunFailed
     from poptune.progress import ProgressDisplay
 
     options = _run_options(args)
@@ -152,6 +153,10 @@ def _train(
             file=sys.stderr,
         )
         return INTERRUPTED
+    except ConfigurationStop as e:
+        # The cause is what there is to fix: all of it, here, not a pointer to the status.
+        print(_scrub(f"poptune: error: {e}"), file=sys.stderr)
+        return RUNTIME
     except RunFailed as e:
         first = _first_line(str(e)).rstrip(":")
         raise CLIError(f"{first}; see `poptune status {name}{_storage_flag(url)}`") from None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from poptune.cli._common import (
     INTERRUPTED,
+    RUNTIME,
     USAGE,
     CLIError,
     _check_name,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from poptune.execution.session import RunOptions
     from poptune.execution.worker import Stretch
     from poptune.experiment import Experiment
-    from poptune.storage.base import MemberRow, RunInfo
+    from poptune.storage.base import MemberRow, RunInfo, Storage
 
 #: File systems on which SQLite's locks do not hold across machines.
 NETWORK_FILESYSTEMS = frozenset(
@@ -203,13 +204,43 @@ def _threads(args: argparse.Namespace, rows: Sequence[MemberRow]) -> int:
     return worker_threads(args.threads, rows)
 
 
+def _preflight(
+    experiment: Experiment, store: Storage, name: str, root: str, devices: list[str] | None
+) -> str | None:
+    """Builds one member and puts it through a checkpoint before this worker joins
+    (`poptune.execution.preflight`); the message that stops it, if it fails. The run is left
+    as it is: other workers may be training it with a file that works."""
+    from poptune.execution.preflight import preflight
+    from poptune.execution.session import ConfigurationStop
+    from poptune.storage.checkpoints import CheckpointStore
+
+    ckpts = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
+    try:
+        preflight(
+            experiment,
+            store,
+            name,
+            checkpoints=ckpts,
+            device=devices[0] if devices else None,
+            mark=False,
+        )
+    except ConfigurationStop as e:
+        return str(e)
+    return None
+
+
 def _say(text: str) -> None:
     print(_scrub(text), flush=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from poptune.execution.devices import check_devices
-    from poptune.execution.session import RunFailed, new_worker_id
+    from poptune.execution.session import (
+        ConfigurationStop,
+        RunFailed,
+        configuration_stop,
+        new_worker_id,
+    )
     from poptune.execution.worker import join_run, work
 
     url = _storage_url(args)
@@ -249,6 +280,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         recorded = info.execution.get("heartbeat_timeout")
         if recorded is not None:
             _options(info, float(recorded), args)  # refused before the run is touched
+        stop = _preflight(experiment, store, name, root, devices)
+        if stop is not None:
+            print(_scrub(f"poptune: error: {stop}"), file=sys.stderr)
+            return RUNTIME
         # The first worker of a run started without a timeout sets it for the others.
         before, timeout = join_run(store, name, given)
         options = _options(info, timeout, args)
@@ -286,6 +321,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 handle_signals=True,
                 on_commit=show,
             )
+    except ConfigurationStop as e:
+        print(_scrub(f"poptune: error: {e}"), file=sys.stderr)
+        return RUNTIME
     except RunFailed as e:
         raise CLIError(
             f"{_first_line(str(e)).rstrip(':')}; see `poptune status {name}{_storage_flag(url)}`"
@@ -309,6 +347,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return INTERRUPTED
     if final.status == "completed":
         return 0
+    stopped = configuration_stop(final)
+    if stopped is not None:  # another worker found the code to blame
+        print(_scrub(f"poptune: error: {stopped}"), file=sys.stderr)
+        return RUNTIME
     if final.status == "failed":
         raise CLIError(
             f"Run {name!r} failed: {_first_line(final.error or '')}; see `poptune status "

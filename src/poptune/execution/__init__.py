@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from poptune.execution.session import (
     ConfigMismatch,
+    ConfigurationStop,
     RunFailed,
     RunInterrupted,
     RunOptions,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigMismatch",
+    "ConfigurationStop",
     "RunFailed",
     "RunInterrupted",
     "RunOptions",
@@ -67,7 +69,7 @@ def execute(
         # start workers of workers and mark the run interrupted.
         raise RuntimeError(_MAIN_GUARD)
     from poptune.execution.devices import check_devices
-    from poptune.execution.session import prepare_run
+    from poptune.execution.session import configuration_stop, prepare_run
     from poptune.execution.tidy import tidy_checkpoints
     from poptune.storage import open_storage, storage_url
     from poptune.storage.folders import check_checkpoint_folder, claim_checkpoint_folder
@@ -140,6 +142,18 @@ def execute(
             },
         )
     ckpt: Any = MemoryCheckpointStore() if in_memory else None
+    if info.status != "completed":
+        from poptune.execution.preflight import preflight
+        from poptune.storage.checkpoints import CheckpointStore
+
+        if ckpt is None:
+            assert root is not None
+            ckpt = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
+        # One member built and checkpointed before any worker starts: a mistake every member
+        # would make stops the run here, naming it. This process builds it on the CPU when
+        # worker processes train: it would hold a GPU's memory for the whole run.
+        probe = (devices[0] if devices else None) if executor == "serial" else "cpu"
+        preflight(experiment, store, name, checkpoints=ckpt, in_memory=in_memory, device=probe)
     feed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if loggers:
         from poptune.loggers import LogFeed
@@ -149,11 +163,7 @@ def execute(
         feed = LogFeed(store, name, loggers)
     with feed:
         if info.status != "completed":
-            if ckpt is None:
-                from poptune.storage.checkpoints import CheckpointStore
-
-                assert root is not None
-                ckpt = CheckpointStore(root, allow_pickle=experiment.allow_pickle)
+            if not in_memory:
                 # Judged by the timeout the run's workers were started with, not this one's.
                 tidy_checkpoints(store, name, ckpt, stored.get("heartbeat_timeout"))
             if executor == "serial":
@@ -183,6 +193,9 @@ def execute(
                 assert url is not None and root is not None
                 run_processes(experiment, store, url, name, root, workers, options, source, devices)
     final = store.get_run(name)
+    stop = configuration_stop(final)
+    if stop is not None:  # a worker process stopped it: say why, as the serial executor does
+        raise ConfigurationStop(stop)
     if final is None or final.status != "completed":
         status = final.status if final is not None else "gone"
         why = f" {final.error}" if final is not None and final.error else ""

@@ -24,6 +24,15 @@ member replaces it; more than ``max_failures`` members failing for good stops th
 configuration error (a metric ``step()`` never returns, a state that safe loading refuses,
 an explore strategy that returns hyperparameters outside the space) stops the run at once.
 
+A member's ``load_state_dict`` failing on a checkpoint is most often the code's doing, not the
+member's: the model was edited since the checkpoints were written, or every member fails to
+load the same way. Then the run stops (`ConfigurationStop`, the run left ``interrupted``) with
+the cause, and the member is neither failed nor charged a retry: when the run's code changed
+since its checkpoints were written (`poptune.execution.codeprint`), at the first such failure;
+else when another member already failed to load a checkpoint with the same exception type
+and message (before that, the serial executor retries the one member it restores first, and
+may fail it for good).
+
 What is not user code is never charged to a member:
 
 * a checkpoint that fails its checksum or is missing (`DamagedCheckpoint`) takes
@@ -37,8 +46,10 @@ What is not user code is never charged to a member:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -51,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 from poptune.controller import PBT, Decision, member_seed, ready_step
 from poptune.execution.session import (
     CheckpointBackend,
+    ConfigurationStop,
     RunFailed,
     RunIdentity,
     RunInterrupted,
@@ -58,6 +70,7 @@ from poptune.execution.session import (
     check_identity,
     member_rows,
     retention,
+    stop_message,
     write_population,
 )
 from poptune.result import Event
@@ -85,6 +98,7 @@ __all__ = [
     "Trained",
     "claim_order",
     "deferred_interrupts",
+    "exception_text",
     "next_ready",
 ]
 
@@ -338,6 +352,9 @@ class Lifecycle:
         self.failed_before = failed_before
         self.budget = options.failure_budget(experiment.population_size)
         self._immutable = [k for k, p in experiment.space.items() if not p.mutable]
+        # The last exception a member's load_state_dict raised, and the checkpoint it loaded:
+        # `record_failure` tells a failed restore by it.
+        self._restore_failure: tuple[BaseException, str] | None = None
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -369,15 +386,24 @@ class Lifecycle:
                         trainable.set_hparams(hparams)
                     return trainable
                 if location is not None:
-                    trainable.load_state_dict(self.ckpts.load(location))
+                    self._load(trainable, location)
                     trainable.set_hparams(hparams)
                     return trainable
             _close(trainable)
         trainable = build_member(self.exp, row.id, hparams)
         if location is not None:
-            trainable.load_state_dict(self.ckpts.load(location))
+            self._load(trainable, location)
         trainable.set_hparams(hparams)
         return trainable
+
+    def _load(self, trainable: Trainable, location: str) -> None:
+        """Loads a checkpoint into a trainable, remembering what ``load_state_dict`` raised."""
+        state = self.ckpts.load(location)
+        try:
+            trainable.load_state_dict(state)
+        except Exception as e:
+            self._restore_failure = (e, location)
+            raise
 
     def context(self, trainable: Trainable, member: int, step: int) -> None:
         """Tells the trainable who it is (`Trainable.context`) before it trains."""
@@ -538,12 +564,24 @@ class Lifecycle:
         Raises:
             RunFailed: A configuration error, or more members failed for good than
                 ``max_failures`` allows; the run is marked failed in ``tx``.
+            ConfigurationStop: ``exc`` is a failed restore (``load_state_dict``) that the
+                code is to blame for (see the module docstring); the run is marked
+                interrupted in ``tx``, the member released and not charged a retry.
         """
         tx.require_owner(member, self.worker, known=stored)
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         row = stored[member]
         step = int(row.state["step"]) if step is None else step
         attempt = row.attempts + 1
+        restoring, self._restore_failure = self._restore_failure, None
+        if restoring is not None and restoring[0] is exc:
+            location = restoring[1]
+            text = _restore_head(member, location, exc) + text
+            cause = self._code_to_blame(tx, member, location, exc)
+            if cause is not None:
+                tx.add_failure(FailureRow(member, step, row.attempts, text, tx.now()))
+                tx.put_members([self._held(tx, row, row.attempts, keep_owner)])
+                self._halt(tx, cause)
         tx.add_failure(FailureRow(member, step, attempt, text, tx.now()))
         if isinstance(exc, ConfigurationError):
             self._stop(tx, f"{exc}\n\n{text}")
@@ -658,6 +696,45 @@ class Lifecycle:
         tx.add_events(events)
         return Committed(rows)
 
+    def _code_to_blame(
+        self, tx: Transaction, member: int, location: str, exc: BaseException
+    ) -> str | None:
+        """The message that stops the run when ``member`` failing to load ``location`` is the
+        code's doing (the module docstring says when), else None."""
+        what = exception_text(exc)
+        changed = tx.run().execution.get("code_changed")
+        if changed:
+            files = ", ".join(changed.get("files", []))
+            return stop_message(
+                self.name,
+                f"code changed since the run's checkpoints were written ({files}): restoring "
+                f"member {member} failed with {what}",
+                "No member was failed. Revert the file (then resume the run), or start a new "
+                "run under another name.",
+            )
+        signature = _signature(exc)
+        # Read only for a failed restore, which is rare: the run's failures may be many.
+        for f in self.storage.failures(self.name):
+            head = _RESTORE_HEAD.match(f.traceback)
+            if head is None or head["signature"] != signature:
+                continue
+            other, where = int(head["member"]), head["location"]
+            if other != member:
+                return stop_message(
+                    self.name,
+                    f"every restore fails the same way: member {other} loading {where} and "
+                    f"member {member} loading {location} both failed with {what}",
+                    "That is the code or its environment (an edited model, another library "
+                    "version), not a member's fault: no member was failed and no retry used "
+                    "up. Fix it (or revert the edit), then resume the run.",
+                )
+        return None
+
+    def _halt(self, tx: Transaction, message: str) -> None:
+        """Stops the run without blaming a member: it is marked interrupted in ``tx``."""
+        tx.set_status("interrupted", message)
+        raise _Halt(message)
+
     def _held(self, tx: Transaction, row: MemberRow, attempts: int, keep_owner: bool) -> MemberRow:
         """The row after a failed attempt: still this worker's, or released for any worker."""
         if keep_owner:
@@ -677,6 +754,40 @@ def _log_retry(message: str) -> None:
 
 class _Stop(RunFailed):
     """Raised inside a transaction that must still commit (the run is marked failed in it)."""
+
+
+class _Halt(_Stop):
+    """A `_Stop` that leaves the run resumable (`ConfigurationStop`)."""
+
+
+#: The first line of a failed restore's record: who loaded what, and a signature of the
+#: exception (its type and message), by which `Lifecycle.record_failure` finds the same
+#: failure of another member.
+_RESTORE_HEAD = re.compile(
+    r"Restoring member (?P<member>\d+) from checkpoint (?P<location>\S+) failed in "
+    r"load_state_dict \[(?P<signature>[0-9a-f]{16})\]"
+)
+
+
+def _restore_head(member: int, location: str, exc: BaseException) -> str:
+    return (
+        f"Restoring member {member} from checkpoint {location} failed in load_state_dict "
+        f"[{_signature(exc)}]\n"
+    )
+
+
+def _signature(exc: BaseException) -> str:
+    kind = type(exc)
+    text = f"{kind.__module__}.{kind.__qualname__}: {exc}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def exception_text(error: BaseException, lines: int = 12, chars: int = 2000) -> str:
+    """``Type: message`` of an exception, cut to ``lines`` lines and ``chars`` characters
+    (a state_dict size mismatch lists every tensor)."""
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    cut = "\n".join(text.splitlines()[:lines])[:chars]
+    return cut + (" ..." if cut != text else "")
 
 
 @contextlib.contextmanager
@@ -711,7 +822,8 @@ def committing(
         with deferred_interrupts(), storage.transaction(name) as tx:
             tx.set_status("failed", str(stop))
     if stop is not None:
-        raise RunFailed(str(stop)) from None
+        kind = ConfigurationStop if isinstance(stop, _Halt) else RunFailed
+        raise kind(str(stop)) from None
 
 
 def _event(index: int, d: Decision, kind: str | None) -> Event:

@@ -33,6 +33,7 @@ from poptune.execution.lifecycle import (
 )
 from poptune.execution.session import (
     CheckpointBackend,
+    ConfigurationStop,
     RunFailed,
     RunIdentity,
     RunOptions,
@@ -132,7 +133,9 @@ class _SerialRun:
             with beat:
                 self._loop()
         except BaseException as exc:
-            self._release("failed" if isinstance(exc, RunFailed) else "interrupted", exc)
+            # A ConfigurationStop blames no member: the run stays resumable.
+            failed = isinstance(exc, RunFailed) and not isinstance(exc, ConfigurationStop)
+            self._release("failed" if failed else "interrupted", exc)
             raise
         self._release("completed", None)
 

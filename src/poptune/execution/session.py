@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointBackend",
     "ConfigMismatch",
+    "ConfigurationStop",
     "RunFailed",
     "RunInterrupted",
     "RunOptions",
     "RunReplaced",
     "check_identity",
+    "configuration_stop",
     "controller_from",
     "differences",
     "fingerprint",
@@ -61,6 +63,19 @@ class RunFailed(RuntimeError):
     configuration error no retry can fix. The message holds the traceback."""
 
 
+class ConfigurationStop(RunFailed):
+    """The run stopped because user code cannot build, checkpoint or restore a member the way
+    the run needs (a hyperparameter target that does not exist, a model edited since the run's
+    checkpoints were written, every restore failing the same way): no retry can help, and no
+    member is blamed. The message says which stage failed and with what exception.
+
+    No member is failed, none is replaced, and no retry is used up. The run is kept resumable:
+    its status stays ``created`` when nothing was trained yet (the check before any worker
+    starts, `poptune.execution.preflight`), else it becomes ``interrupted``, with this message
+    as its error. Fix the file (or revert the edit) and run it again: it resumes.
+    """
+
+
 class RunInterrupted(RuntimeError):
     """The run stopped before it completed (its workers stopped, or another process marked it
     interrupted); everything committed is kept: resume it. The message says how."""
@@ -70,6 +85,24 @@ class RunReplaced(RunInterrupted):
     """The run a worker or driver was started for is gone: deleted, replaced by another run
     of the same name, or resumed elsewhere with another configuration. It stops, writing
     nothing more to the run that now has that name."""
+
+
+def stop_message(name: str, cause: str, advice: str) -> str:
+    """The text of a `ConfigurationStop` of run ``name`` (also recorded as the run's error, where
+    `configuration_stop` recognises it)."""
+    return f"{_STOP_HEAD.format(name=name)}{cause}\n{advice}"
+
+
+_STOP_HEAD = "Run {name!r} cannot train its members: "
+
+
+def configuration_stop(info: RunInfo | None) -> str | None:
+    """The message of the `ConfigurationStop` that left the run as it is, if one did: its
+    status is ``created`` or ``interrupted`` and its error is such a message (a later status
+    change clears the error, so an old stop is never taken for a new one)."""
+    if info is None or info.status not in ("created", "interrupted") or not info.error:
+        return None
+    return info.error if info.error.startswith(_STOP_HEAD.format(name=info.name)) else None
 
 
 #: A run's identity: when it was created and its configuration's fingerprint. Its name alone
@@ -386,9 +419,10 @@ def prepare_run(
         _check_jsonable(pbt)
         rows = member_rows(pbt, {})
         try:
-            return storage.create_run(
+            info = storage.create_run(
                 name, config, fp, source=source, checkpoint_root=checkpoint_root, members=rows
             )
+            return _note_code(storage, info, experiment, source)
         except StorageError:
             info = storage.get_run(name)  # created by another process in the meantime
             if info is None:
@@ -423,7 +457,44 @@ def prepare_run(
         info = storage.get_run(name) or info
     elif source is not None and info.source != source:
         storage.update_run(name, source=source)
-    return info
+    return _note_code(storage, info, experiment, source)
+
+
+def _note_code(
+    storage: Storage, info: RunInfo, experiment: Experiment, source: str | None
+) -> RunInfo:
+    """Compares the code that builds members with the code the run recorded
+    (`poptune.execution.codeprint`), says which files changed, and keeps the record.
+
+    A change is kept pending (``execution["code_changed"]``: the files and the new record)
+    rather than recorded at once: `poptune.execution.preflight` first loads one of the run's
+    checkpoints with the new code and adopts it only when that works. Restoring a member
+    failing while the change is pending stops the run without failing the member
+    (`poptune.execution.lifecycle.Lifecycle.record_failure`). A resume with the old files
+    back finds nothing changed and clears it.
+    """
+    from poptune.execution.codeprint import changed_files, code_print
+
+    code = code_print(experiment.trainable, source)
+    record = dict(info.execution)
+    old = record.get("code")
+    changed = changed_files(old, code)
+    if changed:
+        record["code_changed"] = {"files": changed, "code": code}
+        _log.warning(
+            "Resuming run %r with changed code: %s changed since the run's checkpoints were "
+            "written. If members cannot load those checkpoints, the run stops without failing "
+            "any: then revert the file, or start a new run under another name.",
+            info.name,
+            ", ".join(changed),
+        )
+    else:
+        record.pop("code_changed", None)
+        record["code"] = code
+    if record == dict(info.execution):
+        return info
+    storage.update_run(info.name, execution=record)
+    return replace(info, execution=record)
 
 
 #: Configuration keys derived from others (a different seed or space draws another initial
@@ -439,14 +510,29 @@ def accepted_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
 
 
 def describe(changes: Mapping[str, Any]) -> str:
-    """One line for a record of `accepted_changes`: ``steps 40 -> 80; interval 4 -> 5``."""
-    parts = []
+    """One line for a record of `accepted_changes`: ``steps 40 -> 80; interval 4 -> 5``;
+    inside the space and the strategies, each value that changed, by its path:
+    ``space.lr.high 0.1 -> 0.2; explore.factors [0.8, 1.2] -> [0.7, 1.3]``."""
+    parts: list[str] = []
     for key, (before, after) in changes.get("changed", {}).items():
-        if isinstance(before, (dict, list)) or isinstance(after, (dict, list)):
-            parts.append(f"{key} changed")
-        else:
-            parts.append(f"{key} {before!r} -> {after!r}")
+        parts += _leaf_changes(str(key), before, after)
     return "; ".join(parts) or "no visible change"
+
+
+def _leaf_changes(path: str, before: Any, after: Any) -> list[str]:
+    """``path before -> after`` for each value that differs, descending into dicts."""
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        out: list[str] = []
+        for key in sorted(set(before) | set(after), key=str):
+            if before.get(key) != after.get(key):
+                out += _leaf_changes(f"{path}.{key}", before.get(key), after.get(key))
+        return out
+    return [f"{path} {_short(before)} -> {_short(after)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _reopen_finished(experiment: Experiment, tx: Transaction) -> None:
