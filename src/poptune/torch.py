@@ -241,6 +241,12 @@ class TorchTrainable(Trainable):
         self._streams.state = state["rng"]
         self.load_extra_state(state.get("extra"))
 
+    def reseed(self, seed: int) -> bool:
+        """Re-seeds the member's own torch, numpy and random streams (see
+        `poptune.Trainable.reseed`): its next step draws from ``seed``."""
+        self._streams = _Streams(seed)
+        return True
+
     # -- hyperparameters ---------------------------------------------------------------------
 
     def set_hparams(self, hparams: Mapping[str, Any]) -> None:

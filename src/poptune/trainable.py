@@ -114,6 +114,21 @@ class Trainable:
         """Applies new hyperparameters; called after any `load_state_dict`."""
         self.hparams = dict(hparams)
 
+    def reseed(self, seed: int) -> bool:
+        """Draws the member's randomness from ``seed`` from now on, instead of from the streams
+        its checkpoint restored; returns whether it did.
+
+        poptune calls it when it retries a failed member from its checkpoint, with a seed
+        derived from the experiment's seed, the member, its step and the attempt (the same on
+        every run, so a resumed run retries alike): a failure drawn from the member's own
+        randomness (a bad batch from its shuffle, a diverging sample) is then not replayed
+        exactly. The default cannot and returns False: a retry then replays the very same
+        draws, and helps only against faults outside the member (a lost device, a full
+        disk). `poptune.torch.TorchTrainable` re-seeds its own torch, numpy and random
+        streams. Override it where your member keeps its own generator.
+        """
+        return False
+
     def close(self) -> None:
         """Releases what the member holds (GPU memory, open files) when it leaves a worker.
 

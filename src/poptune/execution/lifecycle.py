@@ -206,6 +206,24 @@ def build_member(experiment: Experiment, member: int, hparams: Mapping[str, Any]
     return trainable
 
 
+def retry_seed(seed: int, member: int, step: int, attempt: int) -> int:
+    """The seed a member's streams are re-seeded with for retry ``attempt`` from ``step``:
+    derived from the experiment's seed alone, so the same run retries the same way.
+
+    Example:
+        >>> retry_seed(0, 3, 40, 1) == retry_seed(0, 3, 40, 1) != retry_seed(0, 3, 40, 2)
+        True
+    """
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, member, step, attempt, 0x5EED]).generate_state(2)
+    return int(words[0]) << 32 | int(words[1])
+
+
+#: Trainable classes already said to replay their draws on a retry (`Lifecycle.reseed_retry`).
+_SAID_NO_RESEED: set[type] = set()
+
+
 # -- interrupts ----------------------------------------------------------------------------------
 
 
@@ -405,6 +423,21 @@ class Lifecycle:
             self._restore_failure = (e, location)
             raise
 
+    def reseed_retry(self, trainable: Trainable, row: MemberRow) -> None:
+        """Before a retry (``row.attempts > 0``): re-seeds the member's streams with
+        `retry_seed`, so that a failure drawn from its own randomness is not replayed exactly
+        (`Trainable.reseed`). A trainable that cannot re-seed is said to, once per process."""
+        if row.attempts <= 0:
+            return
+        seed = retry_seed(self.exp.seed, row.id, int(row.state["step"]), row.attempts)
+        if not trainable.reseed(seed) and type(trainable) not in _SAID_NO_RESEED:
+            _SAID_NO_RESEED.add(type(trainable))
+            _log_retry(
+                f"Member {row.id} is retried (attempt {row.attempts}) with the random draws its "
+                f"checkpoint holds: {type(trainable).__name__} has no reseed(), so a retry helps "
+                "only against faults outside the member (see Trainable.reseed)."
+            )
+
     def context(self, trainable: Trainable, member: int, step: int) -> None:
         """Tells the trainable who it is (`Trainable.context`) before it trains."""
         trainable.context = MemberContext(
@@ -582,6 +615,8 @@ class Lifecycle:
                 tx.add_failure(FailureRow(member, step, row.attempts, text, tx.now()))
                 tx.put_members([self._held(tx, row, row.attempts, keep_owner)])
                 self._halt(tx, cause)
+        # A retry re-seeds the member's streams with retry_seed(seed, member, step, attempt):
+        # what this record holds is all it takes to know with what.
         tx.add_failure(FailureRow(member, step, attempt, text, tx.now()))
         if isinstance(exc, ConfigurationError):
             self._stop(tx, f"{exc}\n\n{text}")

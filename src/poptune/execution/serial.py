@@ -183,6 +183,8 @@ class _SerialRun:
         self.life.context(trainable, mid, start)
         for _ in self.pending.get(mid, ()):  # a retry: replay what was trained since
             trainable.step()
+        # Then other draws for the step that failed (the replayed ones are already recorded).
+        self.life.reseed_retry(trainable, row)
         return trainable
 
     def _advance(self, mid: int) -> None:

@@ -524,6 +524,7 @@ class Worker:
         step = int(row.state["step"])
         try:
             trainable = self.life.restore(row, held)
+            self.life.reseed_retry(trainable, row)
             self.life.context(trainable, mid, step)
             target = next_ready(row.state, self.exp.interval, self.exp.burn_in, self.exp.steps)
             segment = row.state.get("segment")
