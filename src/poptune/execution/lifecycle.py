@@ -404,24 +404,31 @@ class Lifecycle:
                         trainable.set_hparams(hparams)
                     return trainable
                 if location is not None:
-                    self._load(trainable, location)
+                    self._load(trainable, location, row)
                     trainable.set_hparams(hparams)
                     return trainable
             _close(trainable)
         trainable = build_member(self.exp, row.id, hparams)
         if location is not None:
-            self._load(trainable, location)
+            self._load(trainable, location, row)
         trainable.set_hparams(hparams)
         return trainable
 
-    def _load(self, trainable: Trainable, location: str) -> None:
-        """Loads a checkpoint into a trainable, remembering what ``load_state_dict`` raised."""
+    def _load(self, trainable: Trainable, location: str, row: MemberRow) -> None:
+        """Loads a checkpoint into a trainable, remembering what ``load_state_dict`` raised.
+
+        A replacement in its first stretch (it copied a top member when a member failed for
+        good, and has not been judged since) then takes random streams of its own
+        (`Trainable.reseed` with its member seed): it is a new member, and the donor's
+        streams may be what the failed member met its fault with."""
         state = self.ckpts.load(location)
         try:
             trainable.load_state_dict(state)
         except Exception as e:
             self._restore_failure = (e, location)
             raise
+        if row.state.get("replaces") is not None and not row.state.get("decisions"):
+            trainable.reseed(member_seed(self.exp.seed, row.id))
 
     def reseed_retry(self, trainable: Trainable, row: MemberRow) -> None:
         """Before a retry (``row.attempts > 0``): re-seeds the member's streams with
