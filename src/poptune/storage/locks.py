@@ -15,11 +15,15 @@ same rule that presumes a silent worker dead.
   ``idle_in_transaction_session_timeout`` to the bound, so a session that sends nothing inside
   a transaction for that long is ended by the server, which rolls its transaction back and
   releases its locks. Its ``lock_timeout`` is the bound too: a waiter that times out tries
-  again (with backoff) until its patience (`patience`) is spent. Connections are named
-  ``poptune-PID`` (``application_name``) so that one process's sessions can be found in
-  ``pg_stat_activity``. The frozen process, when it wakes, finds its connection gone: its
-  transaction raises `poptune.storage.base.TransactionLost`, and a worker drops what it was
-  committing and carries on as a fresh worker.
+  again (with backoff) until its patience (`patience`) is spent. Before it does, it ends
+  (``pg_terminate_backend``) the session that holds the run's row if that session has waited
+  for its client for longer than the bound: a client frozen in the middle of a pipeline
+  (psycopg's ``executemany``) or of a large result is not "idle" to the server, whose own
+  timeout then never fires. Where the role may not end others' sessions, waiters only wait.
+  Connections are named ``poptune-PID`` (``application_name``) so that one process's sessions
+  can be found in ``pg_stat_activity``. The frozen process, when it wakes, finds its
+  connection gone: its transaction raises `poptune.storage.base.TransactionLost`, and a worker
+  drops what it was committing and carries on as a fresh worker.
 * **SQLite** has no server to end a session. Its writers queue on a ``flock`` beside the
   database file (`WritersQueue`), and the holder records there who it is: PID, host, PID
   namespace, run and since when. A waiter waits in short slices; it ends the holder with
