@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from poptune.storage import ResultRow, StorageError, open_storage, redact_url
+from poptune.storage import ResultRow, StorageError, locks, open_storage, redact_url
 from poptune.storage import sql as sql_storage
 from poptune.storage.base import SCHEMA_VERSION
 
@@ -520,7 +520,7 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
             conn.close()
 
 
-@pytest.mark.skipif(sql_storage.fcntl is None, reason="no flock on this platform")
+@pytest.mark.skipif(locks.fcntl is None, reason="no flock on this platform")
 def test_sqlite_writers_queue_on_a_lock_file_beside_the_database(tmp_path: Path) -> None:
     """A write transaction holds an exclusive flock on ``FILE-poptune-lock`` (writers wait
     there, woken the moment it is free, instead of in SQLite's sleeping retries), and lets

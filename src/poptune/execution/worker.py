@@ -70,7 +70,7 @@ from poptune.execution.session import (
     release_held,
     run_identity,
 )
-from poptune.storage.base import MemberRow, Storage, Transaction
+from poptune.storage.base import MemberRow, Storage, Transaction, TransactionLost
 from poptune.storage.checkpoints import DamagedCheckpoint
 from poptune.trainable import set_worker_device
 
@@ -376,15 +376,18 @@ class Worker:
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         self.report.stopped = True
                         break  # the coordinator is gone: stop; `poptune resume` continues
-                    if claimed == -1:
-                        claimed = self._claim()
-                    if claimed is None:
-                        break
-                    if isinstance(claimed, int):
-                        time.sleep(self.options.poll_interval)
-                        continue
-                    # Committing members claims the next ones in the same transaction.
-                    claimed = self._work(claimed)
+                    try:
+                        if claimed == -1:
+                            claimed = self._claim()
+                        if claimed is None:
+                            break
+                        if isinstance(claimed, int):
+                            time.sleep(self.options.poll_interval)
+                            continue
+                        # Committing members claims the next ones in the same transaction.
+                        claimed = self._work(claimed)
+                    except TransactionLost:
+                        claimed = self._start_afresh()
                 if self.stopping.is_set():
                     self.report.stopped = True
         except InfrastructureError as e:
@@ -472,15 +475,19 @@ class Worker:
         self._stretch_s = _mean(self._stretch_s, (began - training) / len(rows))
         claimed: list[MemberRow] | int | None = -1
         committed = None
-        with self._transaction() as tx:
-            stored = self._population(tx)
-            # A member whose worker was presumed dead meanwhile: its work is dropped.
-            owned = [t for t in trained if stored[t.member].owner == self.id]
-            if owned:
-                info = tx.run()
-                pbt = controller_from(self.exp, info, stored.values())
-                committed = self.life.commit(tx, pbt, owned, stored, keep_owner=False)
-                claimed = self._pick(tx, info.status, committed.rows)
+        try:
+            with self._transaction() as tx:
+                stored = self._population(tx)
+                # A member whose worker was presumed dead meanwhile: its work is dropped.
+                owned = [t for t in trained if stored[t.member].owner == self.id]
+                if owned:
+                    info = tx.run()
+                    pbt = controller_from(self.exp, info, stored.values())
+                    committed = self.life.commit(tx, pbt, owned, stored, keep_owner=False)
+                    claimed = self._pick(tx, info.status, committed.rows)
+        except TransactionLost:
+            self.report.dropped += len(trained)  # its files are kept: see `_start_afresh`
+            raise
         seconds = time.perf_counter() - began
         self._commit_s = _mean(self._commit_s, seconds)
         kept = {t.member for t in owned}
@@ -584,6 +591,19 @@ class Worker:
         with contextlib.suppress(Exception), self._transaction() as tx:  # storage may be down
             if tx.run().status == "running":
                 tx.set_status("interrupted", message)
+
+    def _start_afresh(self) -> int:
+        """Carries on after the storage ended a transaction of this worker from outside (it
+        sat in it, frozen, past the run's heartbeat timeout: `TransactionLost`), as a fresh
+        worker: whatever it was committing is dropped, its live trainables and kept rows are
+        forgotten and every member it still holds is released. The checkpoint files of the
+        dropped work are left alone: had the connection broken during the commit itself, the
+        commit may have happened and rows may name them."""
+        self.cache.clear()
+        self._rows, self._seen = {}, None
+        with self._transaction() as tx:
+            release_held(tx, self.id.__eq__)
+        return -1
 
     def _release_all(self) -> None:
         self.cache.clear()

@@ -9,6 +9,7 @@ from poptune.storage.base import (
     CheckpointRow,
     FailureRow,
     LeaseLost,
+    LockTimeout,
     MemberBusy,
     MemberRow,
     ResultRow,
@@ -17,6 +18,7 @@ from poptune.storage.base import (
     Storage,
     StorageError,
     Transaction,
+    TransactionLost,
 )
 from poptune.storage.checkpoints import (
     CheckpointInfo,
@@ -35,6 +37,7 @@ __all__ = [
     "FailureRow",
     "InMemoryStorage",
     "LeaseLost",
+    "LockTimeout",
     "MemberBusy",
     "MemberRow",
     "MemoryCheckpointStore",
@@ -44,6 +47,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "Transaction",
+    "TransactionLost",
     "check_run_name",
     "open_storage",
     "redact_url",

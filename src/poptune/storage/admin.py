@@ -63,12 +63,8 @@ def _delete_sql_run(storage: SQLStorage, name: str) -> None:
         for fk in table.foreign_keys
         if fk.column.table is runs_table
     ]
-    with storage._write() as conn:
-        stmt = sa.select(runs_table).where(runs_table.c.name == name)
-        if storage.dialect == "postgresql":
-            # The run row first, as every transaction takes it: no deadlock with a commit.
-            stmt = stmt.with_for_update()
-        run = conn.execute(stmt).first()
+    # The run row first, as every transaction takes it: no deadlock with a commit.
+    with storage._write(name, storage._lock_run(name)) as (conn, run):
         if run is None:
             raise StorageError(f"No run named {name!r} in {storage.display_url}.")
         for table, fk in references:

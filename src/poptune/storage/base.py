@@ -52,7 +52,14 @@ Rules (every backend obeys them, and the conformance suite in ``tests/storage`` 
    ``heartbeat`` field of rows the caller owns.
 5. Reads outside a transaction return snapshots (plain immutable records): they never change
    under the caller.
-6. Storage objects are safe to use from several threads of one process; each process opens its
+6. **Locks are bounded** (`poptune.storage.locks`). A transaction is short: nobody trains,
+   sleeps or waits for anything else inside one. One that holds the run's lock longer than
+   the run's heartbeat timeout is presumed frozen and is ended from outside (PostgreSQL: the
+   server ends its session; SQLite: a waiter of the same run on this host SIGKILLs the holder
+   if it is stopped); its writes are rolled back, and if its process wakes, the transaction
+   raises `TransactionLost`. Waits are bounded too: a transaction that cannot take the lock
+   within its patience raises `LockTimeout`, and so does a heartbeat, sooner.
+7. Storage objects are safe to use from several threads of one process; each process opens its
    own (``open_storage(url)``). Nothing here is shared across processes but the database.
 """
 
@@ -70,6 +77,7 @@ __all__ = [
     "CheckpointRow",
     "FailureRow",
     "LeaseLost",
+    "LockTimeout",
     "MemberBusy",
     "MemberRow",
     "ResultRow",
@@ -78,6 +86,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "Transaction",
+    "TransactionLost",
 ]
 
 SCHEMA_VERSION = 3
@@ -99,6 +108,17 @@ class MemberBusy(StorageError):
 class LeaseLost(StorageError):
     """A worker no longer holds a member it wrote for: it was presumed dead and the member
     was claimed by another worker (or freed)."""
+
+
+class LockTimeout(StorageError):
+    """A run's lock could not be taken in time: another transaction held it all along (rule 6)."""
+
+
+class TransactionLost(StorageError):
+    """A transaction was ended from outside before it committed: its session was ended while
+    it held the run's lock past the bound (rule 6), or its connection broke. Its writes are
+    rolled back; only a connection that broke during the commit itself leaves that unsure, so
+    the caller drops what it meant to commit but keeps the files the writes referred to."""
 
 
 @dataclass(frozen=True)

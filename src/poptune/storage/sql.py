@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import threading
@@ -25,15 +26,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-try:
-    import fcntl
-except ImportError:  # Windows: SQLite's own waiting only
-    fcntl = None  # type: ignore[assignment]
-
+from poptune.storage import locks
 from poptune.storage.base import (
     SCHEMA_VERSION,
     CheckpointRow,
     FailureRow,
+    LockTimeout,
     MemberRow,
     ResultRow,
     RunExists,
@@ -41,9 +39,12 @@ from poptune.storage.base import (
     Storage,
     StorageError,
     Transaction,
+    TransactionLost,
 )
 
 __all__ = ["SQLStorage", "redact_url"]
+
+_log = logging.getLogger("poptune")
 
 
 class _JSON(TypeDecorator[Any]):
@@ -479,30 +480,52 @@ def _read_checkpoints(
     ]
 
 
-@contextlib.contextmanager
-def _writers_queue(path: str | None) -> Iterator[None]:
-    """Holds an exclusive ``flock`` on ``path`` (next to a SQLite file) for a write.
-
-    SQLite makes a writer that finds the database locked sleep and retry (1, 2, 5, 10 ms and
-    longer), so two workers committing in turn lost milliseconds per commit asleep while the
-    lock was free. Writers that queue on a file lock first are woken by the kernel the moment
-    the lock is released. Where no such lock can be taken (a read-only folder, a file system
-    without ``flock``), SQLite's own waiting remains, which is correct, only slower.
-    """
-    if path is None or fcntl is None:
-        yield
-        return
+def _set_bound(dbapi_conn: Any, bound: float) -> None:
+    """Sets a PostgreSQL session's lock waits and idle-in-transaction time to ``bound`` seconds
+    (`poptune.storage.locks`), outside any transaction, so the setting outlives it."""
+    ms = str(max(1, round(bound * 1000)))
+    cur = dbapi_conn.cursor()
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        cur.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('idle_in_transaction_session_timeout', %s, false)",
+            (ms, ms),
+        )
     finally:
-        os.close(fd)  # releases the lock
+        cur.close()
+    dbapi_conn.commit()
+
+
+#: The session holding a run's row lock (the transaction its ``xmax`` names) if it has been
+#: waiting for its client for longer than the bound: ended, and its pid and name returned.
+#: (Found first, then ended: the planner may evaluate a condition in any order.)
+_END_FROZEN = """
+WITH frozen AS MATERIALIZED (
+  SELECT a.pid, a.application_name FROM poptune_runs r
+  JOIN pg_locks l
+    ON l.locktype = 'transactionid' AND l.transactionid = r.xmax AND l.granted
+    AND l.mode = 'ExclusiveLock'
+  JOIN pg_stat_activity a ON a.pid = l.pid
+  WHERE r.name = :name AND a.pid <> pg_backend_pid() AND a.wait_event_type = 'Client'
+    AND a.state_change < now() - make_interval(secs => :bound)
+)
+SELECT pid, application_name FROM frozen WHERE pg_terminate_backend(pid)
+"""
+
+
+def _lock_wait_ended(e: sa.exc.OperationalError) -> bool:
+    """Whether a statement failed because it waited for a lock too long (and may be retried):
+    PostgreSQL's ``lock_timeout``, SQLite's busy timeout."""
+    if getattr(e.orig, "sqlstate", None) == "55P03":  # lock_not_available
+        return True
+    return "database is locked" in str(e.orig)
+
+
+def _session_ended(e: sa.exc.DBAPIError) -> bool:
+    """Whether PostgreSQL ended the session (idle in transaction too long, terminated by an
+    administrator) or the connection is gone."""
+    state = getattr(e.orig, "sqlstate", None) or ""
+    return state in ("25P03", "57P01") or state.startswith("08")
 
 
 def _run_info(r: Any) -> RunInfo:
@@ -559,8 +582,10 @@ class SQLStorage(Storage):
         self.dialect = backend
         self._member_upsert: Any = None
         db = parsed.database if backend == "sqlite" else None
-        # Beside the file, as SQLite's own -wal and -shm files are (see `_writers_queue`).
-        self._queue_path = f"{db}-poptune-lock" if db and db != ":memory:" else None
+        # Beside the file, as SQLite's own -wal and -shm files are (`locks.WritersQueue`).
+        self._queue = locks.WritersQueue(f"{db}-poptune-lock" if db and db != ":memory:" else None)
+        # Each run's bound (`locks.run_bound`), by name, as last read.
+        self._bounds: dict[str, float] = {}
         self.engine = self._make_engine(parsed)
         self._local = threading.local()
         try:
@@ -612,29 +637,145 @@ class SQLStorage(Storage):
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             return engine
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             pool_pre_ping=True,
             pool_size=2,
             max_overflow=4,
             connect_args={"connect_timeout": 10},
         )
+        named = "application_name" in url.query
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _on_do_connect(_dialect: Any, _record: Any, _args: Any, params: Any) -> None:
+            # Read at each connection (a forked process connects under its own PID), so that a
+            # process's sessions can be found in pg_stat_activity; a URL's own name is kept.
+            if not named:
+                params["application_name"] = f"poptune-{os.getpid()}"
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, record: Any) -> None:
+            _set_bound(dbapi_conn, locks.DEFAULT_BOUND)
+            record.info["poptune_bound"] = locks.DEFAULT_BOUND
+
+        return engine
+
+    def _bound(self, run: str | None) -> float:
+        """The run's bound (`locks.run_bound`): read once, then kept up to date by its
+        transactions."""
+        if run is None:
+            return locks.DEFAULT_BOUND
+        bound = self._bounds.get(run)
+        if bound is None:
+            try:
+                info = self.get_run(run)
+            except Exception:  # unreadable now: the transaction itself will say why
+                info = None
+            bound = self._bounds[run] = locks.run_bound(info.execution if info else None)
+        return bound
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A connection in a write transaction (committed on success, rolled back on error)."""
-        with (
-            _writers_queue(self._queue_path),
-            self.engine.connect().execution_options(poptune_write=True) as conn,
-            conn.begin(),
-        ):
-            yield conn
+    def _write(
+        self,
+        run: str | None = None,
+        first: sa.Executable | None = None,
+        *,
+        patience: float | None = None,
+    ) -> Iterator[tuple[Connection, Any]]:
+        """A connection in a write transaction (committed on success, rolled back on error),
+        and the first row of ``first`` (the statement that takes the run's lock on
+        PostgreSQL), executed before anything else.
+
+        Waits are bounded (`poptune.storage.locks`): the writers' queue (SQLite) and ``first``
+        are waited for in turns, with backoff, until ``patience`` seconds (default:
+        `locks.patience` of the run's bound) have passed; then `LockTimeout`. A transaction
+        ended from outside (its session ended by the server, its connection broken) raises
+        `TransactionLost`.
+        """
+        bound = self._bound(run)
+        waited = locks.patience(bound) if patience is None else patience
+        deadline = time.monotonic() + waited
+        delay = 0.01
+        while True:
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(self._queue.hold(run, bound, deadline))
+                conn = stack.enter_context(
+                    self.engine.connect().execution_options(poptune_write=True)
+                )
+                if self.dialect == "postgresql" and conn.info.get("poptune_bound") != bound:
+                    _set_bound(conn.connection.dbapi_connection, bound)
+                    conn.info["poptune_bound"] = bound
+                stack.enter_context(conn.begin())
+                row = None if first is None else conn.execute(first).first()
+                break
+            except BaseException as e:
+                stack.__exit__(type(e), e, e.__traceback__)
+                if not (isinstance(e, sa.exc.OperationalError) and _lock_wait_ended(e)):
+                    raise
+                if run is not None and self.dialect == "postgresql":
+                    self._end_frozen_session(run, bound)
+                if time.monotonic() + delay > deadline:
+                    raise LockTimeout(
+                        f"{'Run ' + repr(run) if run else 'A write'} could not take its lock in "
+                        f"{self.display_url} within {waited:g} s: another transaction held it "
+                        "all along."
+                    ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        try:
+            with stack:
+                yield conn, row
+        except sa.exc.DBAPIError as e:
+            if e.connection_invalidated or _session_ended(e):
+                raise TransactionLost(
+                    f"A transaction on {'run ' + repr(run) if run else 'the storage'} in "
+                    f"{self.display_url} was ended from outside before it committed (its "
+                    "session was ended after holding the lock past the run's heartbeat timeout, "
+                    f"or its connection broke): {_scrub(str(e.orig), self.url)}"
+                ) from None
+            raise
+
+    def _end_frozen_session(self, run: str, bound: float) -> None:
+        """Ends the PostgreSQL session holding ``run``'s lock if it has waited for its client
+        for longer than ``bound`` (`poptune.storage.locks`).
+
+        ``idle_in_transaction_session_timeout`` ends most frozen sessions, but not one whose
+        client froze in the middle of a pipeline (psycopg sends ``executemany`` as one) or
+        while the server was sending it a large result: the server is then not "idle". Such a
+        session is found from the run row's locker (its ``xmax``) and ended with
+        ``pg_terminate_backend``; where that is not allowed (another role), waiters only wait.
+        """
+        try:
+            with self.engine.connect() as conn:
+                ended = conn.execute(sa.text(_END_FROZEN), {"name": run, "bound": bound}).all()
+                conn.commit()
+        except sa.exc.DBAPIError:
+            return
+        for pid, name in ended:
+            _log.warning(
+                "Ended PostgreSQL session %s (%s): it held the lock of run %r while waiting for "
+                "its client for longer than the run's heartbeat timeout (%g s), which stopped "
+                "every other worker; its transaction is rolled back.",
+                pid,
+                name,
+                run,
+                bound,
+            )
 
     def _check_schema(self, create: bool) -> None:
-        with self._write() as conn:
-            if self.dialect == "postgresql":
-                # Serialises concurrent first-time set-up by several workers.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(740317)"))
+        # A database already at this version is only read: opening a storage never queues for
+        # the write lock (a process frozen holding it must not stop new workers from starting).
+        with self.engine.connect() as conn:
+            if sa.inspect(conn).has_table(meta_table.name):
+                row = conn.execute(
+                    sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+                ).first()
+                if row is not None and row[0] == str(SCHEMA_VERSION):
+                    return
+        # On PostgreSQL, an advisory lock serialises concurrent first-time set-up by workers.
+        first = sa.select(sa.func.pg_advisory_xact_lock(740317))
+        with self._write(first=first if self.dialect == "postgresql" else None) as (conn, _):
             tables = set(sa.inspect(conn).get_table_names())
             ours = {t.name for t in metadata.sorted_tables}
             if "poptune_meta" not in tables:
@@ -678,11 +819,8 @@ class SQLStorage(Storage):
 
     # -- runs ----------------------------------------------------------------------------------
 
-    def _run_row(self, conn: Connection, name: str, *, lock: bool = False) -> Any:
-        stmt = sa.select(runs_table).where(runs_table.c.name == name)
-        if lock and self.dialect == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+    def _run_row(self, conn: Connection, name: str) -> Any:
+        row = conn.execute(sa.select(runs_table).where(runs_table.c.name == name)).first()
         if row is None:
             raise StorageError(f"No run named {name!r} in {self.display_url}.")
         return row
@@ -699,7 +837,7 @@ class SQLStorage(Storage):
     ) -> RunInfo:
         now = time.time()
         try:
-            with self._write() as conn:
+            with self._write(name) as (conn, _):
                 res = conn.execute(
                     sa.insert(runs_table).values(
                         name=name,
@@ -757,14 +895,23 @@ class SQLStorage(Storage):
             values["execution"] = dict(execution)
         if status is not None:
             values["status"], values["error"] = status, error
-        with self._write() as conn:
-            self._run_row(conn, name, lock=True)
+        with self._write(name, self._lock_run(name)) as (conn, row):
+            if row is None:
+                raise StorageError(f"No run named {name!r} in {self.display_url}.")
             conn.execute(sa.update(runs_table).where(runs_table.c.name == name).values(**values))
+
+    def _lock_run(self, name: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+        """Reads the run's row (these columns of it), locking it on PostgreSQL."""
+        stmt = sa.select(*columns) if columns else sa.select(runs_table)
+        stmt = stmt.where(runs_table.c.name == name)
+        return stmt.with_for_update() if self.dialect == "postgresql" else stmt
 
     @contextlib.contextmanager
     def transaction(self, name: str) -> Iterator[Transaction]:
-        with self._write() as conn:
-            row = self._run_row(conn, name, lock=True)
+        with self._write(name, self._lock_run(name)) as (conn, row):
+            if row is None:
+                raise StorageError(f"No run named {name!r} in {self.display_url}.")
+            self._bounds[name] = locks.run_bound(row.execution)
             tx = _SQLTransaction(self, conn, int(row.id), row)
             yield tx
             tx.flush()
@@ -782,15 +929,11 @@ class SQLStorage(Storage):
 
     def heartbeat(self, name: str, owner: str, now: float | None = None) -> int:
         m = members_table
-        with self._write() as conn:
-            # The run row first, as every transaction does: rows are always locked in the same
-            # order, so a heartbeat never deadlocks with a commit on PostgreSQL.
-            query = sa.select(runs_table.c.id, runs_table.c.member_version).where(
-                runs_table.c.name == name
-            )
-            row = conn.execute(
-                query.with_for_update() if self.dialect == "postgresql" else query
-            ).first()
+        # The run row first, as every transaction does: rows are always locked in the same
+        # order, so a heartbeat never deadlocks with a commit on PostgreSQL. A beat waits for
+        # the lock at most the run's bound: a later beat is worth more than a late one.
+        first = self._lock_run(name, runs_table.c.id, runs_table.c.member_version)
+        with self._write(name, first, patience=self._bound(name)) as (conn, row):
             if row is None:
                 return 0
             beat: float | sa.ColumnElement[float] = (
