@@ -585,3 +585,75 @@ def _exists(url: str) -> bool:
             return store.get_run("r") is not None
     except Exception:
         return False
+
+
+class _Outage:
+    """Makes `SQLStorage.transaction` raise `StorageUnavailable` for calls ``first`` to
+    ``last`` of this process (as a database server restarting, or a full disk, does)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first: int, last: int) -> None:
+        from poptune.storage.base import StorageUnavailable
+        from poptune.storage.sql import SQLStorage
+
+        real = SQLStorage.transaction
+        self.calls = 0
+        lock = threading.Lock()
+
+        def transaction(store: Any, name: str) -> Any:
+            with lock:
+                self.calls += 1
+                n = self.calls
+            if first <= n <= last:
+                raise StorageUnavailable(f"{store.display_url} cannot be used now: test outage")
+            return real(store, name)
+
+        monkeypatch.setattr(SQLStorage, "transaction", transaction)
+
+
+def test_a_worker_rides_out_a_storage_outage_and_the_run_stays_exact(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six transactions in a row fail as if the database were restarting: the worker waits
+    with backoff and carries on as a fresh worker; the run completes, exact. Before, the
+    exception ended the worker (a worker process died; its driver restarted it until its
+    budget ran out and the run stopped)."""
+    from poptune.execution import worker as loop
+
+    env(noise=0, pop=4, steps=20, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    create_run(url, tmp_path / "ckpts")
+    monkeypatch.setattr(loop, "STORAGE_BACKOFF", (0.01,) * 8)
+    outage = _Outage(monkeypatch, 4, 9)
+    report = work(url, "r", str(tmp_path / "ckpts"), pt.RunOptions(), source=SOURCE)
+
+    assert outage.calls > 9  # the outage happened, and the worker went on after it
+    assert report.status == "completed" and status(url) == "completed"
+    result = pt.load(url, "r")
+    check_complete(result, 20, 4)
+    check_exact(result, False)
+
+
+def test_a_storage_that_stays_unusable_stops_the_run_as_interrupted(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage longer than the backoff: the worker stops, the run is marked interrupted
+    with what failed (once the storage answers again), and resuming it completes it."""
+    from poptune.execution import worker as loop
+
+    env(noise=0, pop=4, steps=20, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    create_run(url, tmp_path / "ckpts")
+    monkeypatch.setattr(loop, "STORAGE_BACKOFF", (0.01, 0.01, 0.01))
+    _Outage(monkeypatch, 4, 7)  # the first try and its 3 retries
+    report = work(url, "r", str(tmp_path / "ckpts"), pt.RunOptions(), source=SOURCE)
+
+    assert report.status == "interrupted"
+    with open_storage(url) as store:
+        info = store.get_run("r")
+        assert info is not None and info.status == "interrupted"
+        assert info.error is not None and "test outage" in info.error
+        assert store.failures("r") == []
+    monkeypatch.undo()
+    env(noise=0, pop=4, steps=20, interval=5)
+    result = experiment().run(url, "r", source=SOURCE, resume=True)
+    check_complete(result, 20, 4)

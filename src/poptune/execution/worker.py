@@ -70,7 +70,14 @@ from poptune.execution.session import (
     release_held,
     run_identity,
 )
-from poptune.storage.base import MemberRow, Storage, Transaction, TransactionLost
+from poptune.storage.base import (
+    MemberRow,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    Transaction,
+    TransactionLost,
+)
 from poptune.storage.checkpoints import DamagedCheckpoint
 from poptune.trainable import set_worker_device
 
@@ -386,8 +393,8 @@ class Worker:
                             continue
                         # Committing members claims the next ones in the same transaction.
                         claimed = self._work(claimed)
-                    except TransactionLost:
-                        claimed = self._start_afresh()
+                    except (TransactionLost, StorageUnavailable) as e:
+                        claimed = self._recover(e)
                 if self.stopping.is_set():
                     self.report.stopped = True
         except InfrastructureError as e:
@@ -589,8 +596,28 @@ class Worker:
         next claim, and the message says what failed and how to resume."""
         self.report.status = "interrupted"
         with contextlib.suppress(Exception), self._transaction() as tx:  # storage may be down
-            if tx.run().status == "running":
+            if tx.run().status not in FINAL:
                 tx.set_status("interrupted", message)
+
+    def _recover(self, error: StorageError) -> int | None:
+        """After a transaction was lost or the storage could not be used (a database server
+        restarting, a full disk): tries again after each pause of `STORAGE_BACKOFF`, as a
+        fresh worker (`_start_afresh`); -1 once the storage answers. If it never does, the run
+        is marked interrupted where that can still be written, with what failed, and None
+        (the worker stops): nothing committed is lost, and `poptune resume` continues."""
+        for pause in STORAGE_BACKOFF:
+            if self.stopping.wait(pause):
+                return None
+            try:
+                return self._start_afresh()
+            except (TransactionLost, StorageUnavailable) as e:
+                error = e
+        self._interrupt(
+            f"Run {self.name!r} stopped: its storage could not be used for "
+            f"{sum(STORAGE_BACKOFF):g} s ({error}). Everything committed is kept; resume it "
+            "once the storage is back."
+        )
+        return None
 
     def _start_afresh(self) -> int:
         """Carries on after the storage ended a transaction of this worker from outside (it
@@ -665,6 +692,10 @@ class ParentWatch:
             release_held(tx, worker.id.__eq__)
         os._exit(PARENT_GONE_EXIT)
 
+
+#: Seconds a worker waits before each new try when its storage cannot be used (a database
+#: server restarting, a full disk): about a minute in all, then the run stops as interrupted.
+STORAGE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 #: The share of a worker's time its commits may take before it claims larger batches than its
 #: cache of live trainables holds (`batch_size`).

@@ -85,6 +85,7 @@ __all__ = [
     "RunInfo",
     "Storage",
     "StorageError",
+    "StorageUnavailable",
     "Transaction",
     "TransactionLost",
 ]
@@ -119,6 +120,12 @@ class TransactionLost(StorageError):
     it held the run's lock past the bound (rule 6), or its connection broke. Its writes are
     rolled back; only a connection that broke during the commit itself leaves that unsure, so
     the caller drops what it meant to commit but keeps the files the writes referred to."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage cannot be reached or written now: a database server down or restarting, a
+    disk full or read-only. Nothing of the transaction was written; a later one may succeed
+    (workers retry with backoff, then stop the run as interrupted)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from poptune.storage.base import (
     RunInfo,
     Storage,
     StorageError,
+    StorageUnavailable,
     Transaction,
     TransactionLost,
 )
@@ -711,7 +712,10 @@ class SQLStorage(Storage):
                 break
             except BaseException as e:
                 stack.__exit__(type(e), e, e.__traceback__)
-                if not (isinstance(e, sa.exc.OperationalError) and _lock_wait_ended(e)):
+                waited = isinstance(e, sa.exc.OperationalError) and _lock_wait_ended(e)
+                if isinstance(e, (sa.exc.OperationalError, sa.exc.InterfaceError)) and not waited:
+                    raise self._unavailable(e) from None  # no server, no room, no write access
+                if not waited:
                     raise
                 if run is not None and self.dialect == "postgresql":
                     self._end_frozen_session(run, bound)
@@ -734,7 +738,13 @@ class SQLStorage(Storage):
                     "session was ended after holding the lock past the run's heartbeat timeout, "
                     f"or its connection broke): {_scrub(str(e.orig), self.url)}"
                 ) from None
+            if isinstance(e, sa.exc.OperationalError) and not _lock_wait_ended(e):
+                raise self._unavailable(e) from None  # rolled back: a full or read-only disk
             raise
+
+    def _unavailable(self, e: sa.exc.DBAPIError) -> StorageUnavailable:
+        first = (_scrub(str(e.orig), self.url).strip().splitlines() or [type(e).__name__])[0]
+        return StorageUnavailable(f"{self.display_url} cannot be used now: {first}")
 
     def _end_frozen_session(self, run: str, bound: float) -> None:
         """Ends the PostgreSQL session holding ``run``'s lock if it has waited for its client
