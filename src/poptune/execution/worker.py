@@ -563,33 +563,25 @@ class Worker:
             elif held is not None:
                 with contextlib.suppress(Exception):
                     held[1].close()
-            if isinstance(exc, DamagedCheckpoint):
-                self._damaged(mid, exc)
-            else:
-                self._failed(mid, exc, step)
+            self._failed(mid, exc, step)
             return None
         self.cache.put(mid, location, trainable)
         return Trained(mid, step, results, location, size)
 
     def _failed(self, mid: int, exc: BaseException, step: int) -> None:
+        """Records what the member's stretch raised, in a transaction of its own: a damaged
+        checkpoint (`Lifecycle.record_damaged`: no failure of the member's), else the one
+        failure policy (`Lifecycle.record_failure`). Nothing if the member is no longer ours."""
         with self._transaction() as tx:
             stored = self._population(tx)
             if stored[mid].owner != self.id:
                 return
             pbt = controller_from(self.exp, tx.run(), stored.values())
             self.report.failures += 1
-            self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
-
-    def _damaged(self, mid: int, exc: DamagedCheckpoint) -> None:
-        """A checkpoint the member stood on is damaged: no failure of the member's
-        (`Lifecycle.record_damaged`)."""
-        with self._transaction() as tx:
-            stored = self._population(tx)
-            if stored[mid].owner != self.id:
-                return
-            pbt = controller_from(self.exp, tx.run(), stored.values())
-            self.report.failures += 1
-            self.life.record_damaged(tx, pbt, mid, exc, stored, keep_owner=False)
+            if isinstance(exc, DamagedCheckpoint):
+                self.life.record_damaged(tx, pbt, mid, exc, stored, keep_owner=False)
+            else:
+                self.life.record_failure(tx, pbt, mid, exc, stored, keep_owner=False, step=step)
 
     def _interrupt(self, message: str) -> None:
         """Ends the run as interrupted (an `InfrastructureError`): every worker stops at its
