@@ -159,6 +159,24 @@ def test_no_remaining_time_is_estimated_before_the_first_committed_ready_point()
     assert estimate_remaining(done, (100.0, 0)) == 0.0
 
 
+def test_from_the_first_ready_point_the_rate_counts_every_worker_s_batch() -> None:
+    """Two workers each hold 2 of 4 members, 10 steps from their ready points, when training
+    begins at t=100. At t=200 one worker has committed its 20 member-steps; the other's 20 are
+    trained but not committed yet. The work in flight (40) over the time the first batch took
+    (100 s) is the rate: the 380 member-steps the rows have still to go take 950 s, not the
+    1,900 s that the committed steps alone (20 in 100 s) would say."""
+    from dataclasses import replace
+
+    from poptune.progress import Snapshot, estimate_remaining, in_flight
+
+    info = replace(_info(), config={"population_size": 4, "steps": 100, "interval": 10})
+    begun = Snapshot(info, _rows([0, 0, 0, 0], "w"), taken=100.0, trained=0)
+    assert in_flight(begun) == 40
+    first = Snapshot(info, _rows([10, 10, 0, 0], "w"), taken=200.0, trained=20)
+    assert estimate_remaining(first, (100.0, 0)) == 1900.0
+    assert estimate_remaining(first, (100.0, 0), (200.0, 20), flight=40) == 950.0
+
+
 def test_after_a_resume_the_rate_counts_only_this_executions_commits() -> None:
     """A resumed run committed 200 member-steps before (and was stopped for a while): the rate
     is what this execution committed since it started, not the run's whole history."""

@@ -235,10 +235,30 @@ class Snapshot:
         return min(1.0, done / max(1, self.population * self.steps))
 
 
+def in_flight(snap: Snapshot) -> int:
+    """Member-steps the members held by workers now will commit at their next ready points:
+    what the workers are training (each member's next ready point less its step)."""
+    if snap.info is None:
+        return 0
+    from poptune.controller import ready_step
+
+    cfg = snap.info.config
+    interval, burn_in = int(cfg.get("interval") or 1), int(cfg.get("burn_in") or 0)
+    return sum(
+        ready_step(
+            int(r.state["step"]), int(r.state.get("last_ready") or 0), interval, burn_in, snap.steps
+        )
+        - int(r.state["step"])
+        for r in snap.members
+        if r.owner is not None and r.state.get("status") == "running"
+    )
+
+
 def estimate_remaining(
     snap: Snapshot,
     origin: tuple[float, int] | None,
     first: tuple[float, int] | None = None,
+    flight: int = 0,
 ) -> float | None:
     """Seconds left at the rate this execution commits member-steps; None while it cannot tell.
 
@@ -253,6 +273,12 @@ def estimate_remaining(
     first commit was seen, gives a better one once as much time has passed since it as before
     it (a stretch of training, for every worker to commit again): the member-steps committed
     since the first commit over the time since.
+
+    Between the two, ``flight``, the member-steps the workers held when this execution's
+    training began (`in_flight`), gives the rate from the first ready point on: they are what
+    the workers trained until their first commits, in the time the first one took. (The
+    committed steps alone count one worker's first batch against every worker's time: with 2
+    workers that made the first estimate twice too long.)
 
     Example:
         >>> from poptune.storage.base import MemberRow, RunInfo
@@ -276,6 +302,8 @@ def estimate_remaining(
         t1, trained1 = first
         if snap.trained > trained1 and snap.taken - t1 >= t1 - t0 > 0:
             rate = (snap.trained - trained1) / (snap.taken - t1)
+        elif flight > 0 and t1 > t0:
+            rate = max(rate, flight / (t1 - t0))
     return snap.budget * (1.0 - snap.fraction) / rate
 
 
@@ -312,6 +340,7 @@ class RunProgress:
         # read's count, and the time of the first read that saw a member claimed.
         self._origin: tuple[float, int] | None = None
         self._working = False
+        self._flight = 0  # member-steps held by workers when training began (`in_flight`)
         self._first: tuple[float, int] | None = None  # when this execution's first commit was seen
         self._lock = threading.Lock()
         # Followed incrementally (`Storage.results` and `events` with start=): each record is
@@ -342,6 +371,7 @@ class RunProgress:
                 # not a rate that the rest of the run will go at.
                 self._working = True
                 self._origin = (snap.taken, snap.trained)
+                self._flight = in_flight(snap)
             if self._first is None and self._origin and snap.trained > self._origin[1]:
                 self._first = (snap.taken, snap.trained)
             self._snapshot = snap
@@ -419,7 +449,7 @@ class RunProgress:
     def remaining(self, snap: Snapshot) -> float | None:
         """Estimated seconds left (`estimate_remaining`), from the member-steps committed since
         this view started; None before the first of them."""
-        return estimate_remaining(snap, self._origin, self._first)
+        return estimate_remaining(snap, self._origin, self._first, self._flight)
 
     def activity(self, snap: Snapshot | None = None) -> str:
         """What the run is doing now, in words; it changes before anything is committed:
