@@ -79,6 +79,7 @@ from poptune.storage.base import (
     MemberRow,
     ResultRow,
     Storage,
+    StorageError,
     Transaction,
 )
 from poptune.storage.checkpoints import DamagedCheckpoint, UnsafeCheckpoint, checkpoint_owner
@@ -848,15 +849,19 @@ def committing(
     so retrying it (or restarting the worker) cannot help.
     """
     stop: _Stop | None = None
-    if identity is not None and storage.get_run(name) is None:
-        check_identity(None, name, identity)  # deleted: RunReplaced, not "no such run"
+    entered = False
     try:
         with deferred_interrupts(), storage.transaction(name) as tx:
             check_identity(tx.run() if identity is not None else None, name, identity)
+            entered = True
             try:
                 yield tx
             except _Stop as e:
                 stop = e
+    except StorageError:
+        if not entered and identity is not None and storage.get_run(name) is None:
+            check_identity(None, name, identity)  # deleted: RunReplaced, not "no such run"
+        raise
     except (ConfigurationError, ExploreError) as e:
         cause = e.__cause__
         trace = "" if cause is None else "\n\n" + "".join(traceback.format_exception(cause))
