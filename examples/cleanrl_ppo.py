@@ -51,7 +51,9 @@ each seed its own run name (``--name``), and the same variables to ``poptune res
 
 Budget (default): 8 members x 24 steps x 8 updates x 512 transitions = 98,304 environment steps
 per member (CleanRL's default run is 500k), ready every 4 steps (16,384 environment steps).
-Measured figures, PBT against random search at equal compute: ``docs/examples.md``.
+What to expect (``docs/examples.md``, 3 seeds, against random search at equal compute): the
+best member reaches 500 either way; PBT's worst member ends at 382-492, random search's at
+31-49 (members drawn with an lr near 1e-4 or below, which PBT replaces by copies of learners).
 """
 
 from __future__ import annotations

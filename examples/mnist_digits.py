@@ -41,7 +41,10 @@ each seed its own run name (``--name``), and the same variables to ``poptune res
 
 Budget (default): 8 members x 28 steps x 12 batches of 64 = 336 batches (about 14.6 epochs of
 the 1437 training images) per member, ready every 4 steps (48 batches, about 2 epochs).
-Measured figures, PBT against random search at equal compute: ``docs/examples.md``.
+What to expect (``docs/examples.md``, 3 seeds, against random search at equal compute): the
+best member gets the same 354 or 355 of the 360 validation digits right either way; PBT's worst
+member ends at 0.978, random search's at 0.086-0.922 (members drawn with an lr too small or too
+large, which PBT replaces by copies of good ones).
 """
 
 from __future__ import annotations
