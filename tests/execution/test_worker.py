@@ -613,16 +613,16 @@ class _Outage:
 def test_a_worker_rides_out_a_storage_outage_and_the_run_stays_exact(
     env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Six transactions in a row fail as if the database were restarting: the worker waits
-    with backoff and carries on as a fresh worker; the run completes, exact. Before, the
-    exception ended the worker (a worker process died; its driver restarted it until its
-    budget ran out and the run stopped)."""
-    from poptune.execution import worker as loop
+    """Six transactions in a row cannot begin, as if the database were restarting: the worker
+    waits with backoff and goes on; the run completes, exact. Before, the exception ended the
+    worker (a worker process died; its driver restarted it until its budget ran out and the
+    run stopped)."""
+    from poptune.execution import lifecycle
 
     env(noise=0, pop=4, steps=20, interval=5)
     url = f"sqlite:///{tmp_path}/runs.db"
     create_run(url, tmp_path / "ckpts")
-    monkeypatch.setattr(loop, "STORAGE_BACKOFF", (0.01,) * 8)
+    monkeypatch.setattr(lifecycle, "STORAGE_BACKOFF", (0.01,) * 8)
     outage = _Outage(monkeypatch, 4, 9)
     report = work(url, "r", str(tmp_path / "ckpts"), pt.RunOptions(), source=SOURCE)
 
@@ -638,13 +638,14 @@ def test_a_storage_that_stays_unusable_stops_the_run_as_interrupted(
 ) -> None:
     """An outage longer than the backoff: the worker stops, the run is marked interrupted
     with what failed (once the storage answers again), and resuming it completes it."""
-    from poptune.execution import worker as loop
+    from poptune.execution import lifecycle
 
     env(noise=0, pop=4, steps=20, interval=5)
     url = f"sqlite:///{tmp_path}/runs.db"
     create_run(url, tmp_path / "ckpts")
-    monkeypatch.setattr(loop, "STORAGE_BACKOFF", (0.01, 0.01, 0.01))
-    _Outage(monkeypatch, 4, 7)  # the first try and its 3 retries
+    monkeypatch.setattr(lifecycle, "STORAGE_BACKOFF", (0.01, 0.01, 0.01))
+    # A commit's 4 tries, then those of the worker starting afresh: then it gives up.
+    _Outage(monkeypatch, 4, 11)
     report = work(url, "r", str(tmp_path / "ckpts"), pt.RunOptions(), source=SOURCE)
 
     assert report.status == "interrupted"
@@ -657,3 +658,20 @@ def test_a_storage_that_stays_unusable_stops_the_run_as_interrupted(
     env(noise=0, pop=4, steps=20, interval=5)
     result = experiment().run(url, "r", source=SOURCE, resume=True)
     check_complete(result, 20, 4)
+
+
+def test_the_serial_executor_rides_out_a_storage_outage_too(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process runs wait for a storage that cannot be used for a while, as workers do."""
+    from poptune.execution import lifecycle
+
+    env(noise=0, pop=4, steps=20, interval=5)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    monkeypatch.setattr(lifecycle, "STORAGE_BACKOFF", (0.01,) * 8)
+    outage = _Outage(monkeypatch, 6, 11)
+    result = experiment().run(url, "r", source=SOURCE)
+
+    assert outage.calls > 11
+    check_complete(result, 20, 4)
+    check_exact(result, False)

@@ -80,6 +80,7 @@ from poptune.storage.base import (
     ResultRow,
     Storage,
     StorageError,
+    StorageUnavailable,
     Transaction,
 )
 from poptune.storage.checkpoints import DamagedCheckpoint, UnsafeCheckpoint, checkpoint_owner
@@ -843,6 +844,10 @@ def committing(
     With ``identity``, the run must still be the one its worker was started for
     (`check_identity`): else `RunReplaced` is raised before anything is written.
 
+    A storage that cannot be used when the transaction begins (`StorageUnavailable`: a
+    database server restarting, a full disk) is waited for, after each pause of
+    `STORAGE_BACKOFF` (about a minute in all); then the error is raised. Nothing was written.
+
     A configuration error raised in it (an explore strategy returning hyperparameters outside
     the space, in a commit's decisions) rolls it back and marks the run failed in a
     transaction of its own: every worker would make the same decision and fail the same way,
@@ -851,7 +856,7 @@ def committing(
     stop: _Stop | None = None
     entered = False
     try:
-        with deferred_interrupts(), storage.transaction(name) as tx:
+        with deferred_interrupts(), _begin(storage, name) as tx:
             check_identity(tx.run() if identity is not None else None, name, identity)
             entered = True
             try:
@@ -871,6 +876,30 @@ def committing(
     if stop is not None:
         kind = ConfigurationStop if isinstance(stop, _Halt) else RunFailed
         raise kind(str(stop)) from None
+
+
+#: Seconds waited before each new try to begin a transaction on a storage that cannot be used
+#: (`committing`): about a minute in all, then `StorageUnavailable` is raised.
+STORAGE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+@contextlib.contextmanager
+def _begin(storage: Storage, name: str) -> Iterator[Transaction]:
+    """``storage.transaction(name)``, begun again after each pause of `STORAGE_BACKOFF` while
+    the storage cannot be used. Only the beginning is tried again: nothing was written then."""
+    for pause in (*STORAGE_BACKOFF, None):
+        stack = contextlib.ExitStack()
+        try:
+            tx = stack.enter_context(storage.transaction(name))
+        except StorageUnavailable as e:
+            if pause is None:
+                raise
+            _log_retry(f"{e}; trying again in {pause:g} s.")
+            time.sleep(pause)
+            continue
+        with stack:  # commits, or rolls back on an exception, as a with block would
+            yield tx
+        return
 
 
 def _event(index: int, d: Decision, kind: str | None) -> Event:

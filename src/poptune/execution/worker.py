@@ -592,22 +592,19 @@ class Worker:
                 tx.set_status("interrupted", message)
 
     def _recover(self, error: StorageError) -> int | None:
-        """After a transaction was lost or the storage could not be used (a database server
-        restarting, a full disk): tries again after each pause of `STORAGE_BACKOFF`, as a
-        fresh worker (`_start_afresh`); -1 once the storage answers. If it never does, the run
-        is marked interrupted where that can still be written, with what failed, and None
-        (the worker stops): nothing committed is lost, and `poptune resume` continues."""
-        for pause in STORAGE_BACKOFF:
-            if self.stopping.wait(pause):
-                return None
-            try:
-                return self._start_afresh()
-            except (TransactionLost, StorageUnavailable) as e:
-                error = e
+        """After a transaction was lost, or the storage could not be used even after the
+        waits of `poptune.execution.lifecycle.committing`: carries on as a fresh worker
+        (`_start_afresh`, which waits for the storage again); -1 once the storage answers.
+        If it still does not, the run is marked interrupted where that can be written, with
+        what failed, and None (the worker stops): nothing committed is lost, and `poptune
+        resume` continues."""
+        try:
+            return self._start_afresh()
+        except (TransactionLost, StorageUnavailable) as e:
+            error = e
         self._interrupt(
-            f"Run {self.name!r} stopped: its storage could not be used for "
-            f"{sum(STORAGE_BACKOFF):g} s ({error}). Everything committed is kept; resume it "
-            "once the storage is back."
+            f"Run {self.name!r} stopped: its storage could not be used ({error}). Everything "
+            "committed is kept; resume it once the storage is back."
         )
         return None
 
@@ -684,10 +681,6 @@ class ParentWatch:
             release_held(tx, worker.id.__eq__)
         os._exit(PARENT_GONE_EXIT)
 
-
-#: Seconds a worker waits before each new try when its storage cannot be used (a database
-#: server restarting, a full disk): about a minute in all, then the run stops as interrupted.
-STORAGE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 #: The share of a worker's time its commits may take before it claims larger batches than its
 #: cache of live trainables holds (`batch_size`).
