@@ -12,11 +12,17 @@ $(BIN)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@ $(BIN)/.demo-ready
+
+# What the demo needs: the core and the plot extra (not torch, Ray or the browser tests).
+$(BIN)/.demo-ready: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[plot]"
 	touch $@
 
 # The main job: the paper's toy problem as a persistent run in ./poptune.db (SQLite), then
 # PBT against explore-only, exploit-only and grid search over 100 seeds, with a plot.
-demo: $(BIN)/.ready
+demo: $(BIN)/.demo-ready
 	$(BIN)/poptune run examples/toy_quadratic.py --storage sqlite:///poptune.db
 	$(BIN)/python examples/toy_quadratic.py --seeds 100 --plot toy_quadratic.png
 	@echo "The poptune command is in $(BIN): run '. $(BIN)/activate' first, or call $(BIN)/poptune."
