@@ -91,24 +91,24 @@ def test_faulted_runs_fire_resume_and_check(storage: str, request: Any) -> None:
             pytest.skip("set POPTUNE_TEST_POSTGRES_URL to fault runs on PostgreSQL")
         postgres = request.getfixturevalue("pg_url")
     workload = chaos.QUICK_WORKLOADS["lr_schedule"]
+    # PostgreSQL shares the executors' code with SQLite: one fault there keeps the suite short.
+    faults = ["ckpt_truncate"]
+    if storage == "sqlite":
+        faults = ["worker_kill", "driver_kill", "ckpt_truncate"]
     outcomes = {
         fault: chaos.run_plan(chaos.Plan(i, storage, 2, workload, fault, 0.3, 0), None, postgres)
-        for i, fault in enumerate(["worker_kill", "driver_kill", "ckpt_truncate"])
+        for i, fault in enumerate(faults)
     }
     for fault, o in outcomes.items():
         assert o.fault_fired, fault
         assert o.status != "unknown", fault  # the stored run was read and checked
         record = json.dumps(chaos.outcome_record(o))
         assert "/tmp" not in record and str(Path.home()) not in record, record
-    assert outcomes["driver_kill"].resumes >= 1 and outcomes["ckpt_truncate"].resumes >= 1
-    assert outcomes["driver_kill"].resume_to_first_commit_s
+    if "driver_kill" in outcomes:
+        assert outcomes["driver_kill"].resumes >= 1
+        assert outcomes["driver_kill"].resume_to_first_commit_s
+    assert outcomes["ckpt_truncate"].resumes >= 1
     assert outcomes["ckpt_truncate"].fault_detail["damaged"]
-    for fault in ("worker_kill", "driver_kill"):
-        o = outcomes[fault]
+    for fault, o in outcomes.items():  # a damaged checkpoint too: its members go back
         assert not o.violations, (fault, dict(o.violations), o.examples)
-    damaged = outcomes["ckpt_truncate"]
-    if damaged.violations:
-        pytest.xfail(
-            "a truncated checkpoint is not survived yet (issue 14): "
-            f"{dict(damaged.violations)} {damaged.examples[:3]}"
-        )
+    assert not any(o.leaked_files for o in outcomes.values())

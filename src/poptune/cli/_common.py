@@ -75,6 +75,10 @@ def _storage_failure(e: BaseException) -> str | None:
         return _first_line(str(e.orig)) or type(e.orig).__name__
     if isinstance(e, sqlite3.OperationalError):
         return _first_line(str(e)) or type(e).__name__
+    from poptune.storage.base import StorageUnavailable
+
+    if isinstance(e, StorageUnavailable):
+        return e.reason
     return None
 
 

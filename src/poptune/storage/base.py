@@ -125,7 +125,15 @@ class TransactionLost(StorageError):
 class StorageUnavailable(StorageError):
     """The storage cannot be reached or written now: a database server down or restarting, a
     disk full or read-only. Nothing of the transaction was written; a later one may succeed
-    (workers retry with backoff, then stop the run as interrupted)."""
+    (transactions are begun again with backoff, then the run stops as interrupted).
+
+    Attributes:
+        reason: What the database said, in one line (no password).
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)

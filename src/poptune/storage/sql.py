@@ -744,7 +744,7 @@ class SQLStorage(Storage):
 
     def _unavailable(self, e: sa.exc.DBAPIError) -> StorageUnavailable:
         first = (_scrub(str(e.orig), self.url).strip().splitlines() or [type(e).__name__])[0]
-        return StorageUnavailable(f"{self.display_url} cannot be used now: {first}")
+        return StorageUnavailable(f"{self.display_url} cannot be used now: {first}", first)
 
     def _end_frozen_session(self, run: str, bound: float) -> None:
         """Ends the PostgreSQL session holding ``run``'s lock if it has waited for its client
