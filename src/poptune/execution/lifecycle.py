@@ -856,7 +856,8 @@ def committing(
     stop: _Stop | None = None
     entered = False
     try:
-        with deferred_interrupts(), _begin(storage, name) as tx:
+        stack, tx = _begin(storage, name)
+        with deferred_interrupts(), stack:
             check_identity(tx.run() if identity is not None else None, name, identity)
             entered = True
             try:
@@ -883,23 +884,27 @@ def committing(
 STORAGE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
-@contextlib.contextmanager
-def _begin(storage: Storage, name: str) -> Iterator[Transaction]:
-    """``storage.transaction(name)``, begun again after each pause of `STORAGE_BACKOFF` while
-    the storage cannot be used. Only the beginning is tried again: nothing was written then."""
+def _begin(storage: Storage, name: str) -> tuple[contextlib.ExitStack, Transaction]:
+    """``storage.transaction(name)`` begun (and the stack that ends it), begun again after each
+    pause of `STORAGE_BACKOFF` while the storage cannot be used. Only the beginning is tried
+    again (nothing was written then), with Ctrl-C held back during each try but not during the
+    pauses: an interrupt during an outage is not held for a minute."""
     for pause in (*STORAGE_BACKOFF, None):
         stack = contextlib.ExitStack()
         try:
-            tx = stack.enter_context(storage.transaction(name))
+            with deferred_interrupts():
+                tx = stack.enter_context(storage.transaction(name))
+        except KeyboardInterrupt:
+            stack.close()  # it began as Ctrl-C came: rolled back, nothing written
+            raise
         except StorageUnavailable as e:
             if pause is None:
                 raise
             _log_retry(f"{e}; trying again in {pause:g} s.")
             time.sleep(pause)
             continue
-        with stack:  # commits, or rolls back on an exception, as a with block would
-            yield tx
-        return
+        return stack, tx
+    raise AssertionError("unreachable")
 
 
 def _event(index: int, d: Decision, kind: str | None) -> Event:
