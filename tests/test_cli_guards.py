@@ -52,7 +52,9 @@ def test_running_a_live_run_again_names_its_worker_and_changes_nothing(
     url = completed_run(tmp_path)
     worker = new_worker_id()
     hold(url, worker, "processes")
-    line = assert_one_line_error(poptune(*command, "--no-progress", cwd=tmp_path))
+    # The holder stays: no need to wait long for it to go (workers of a killed driver do go).
+    quick = {"POPTUNE_LIVE_GRACE": "1"}
+    line = assert_one_line_error(poptune(*command, "--no-progress", cwd=tmp_path, env=quick))
     assert f"Run 'exp' is being trained right now: worker {worker} (host " in line
     assert socket.gethostname() in line
     assert "`poptune worker exp`" in line and "`poptune delete exp --force`" in line
@@ -65,7 +67,8 @@ def test_running_a_live_run_again_names_its_worker_and_changes_nothing(
 def test_a_live_serial_run_says_no_worker_can_join(tmp_path: Path) -> None:
     url = completed_run(tmp_path)
     hold(url, new_worker_id(), "serial", members=2)
-    line = assert_one_line_error(poptune("run", "exp.py", "--no-progress", cwd=tmp_path))
+    quick = {"POPTUNE_LIVE_GRACE": "1"}
+    line = assert_one_line_error(poptune("run", "exp.py", "--no-progress", cwd=tmp_path, env=quick))
     assert "serial executor, which holds every member" in line
     assert "poptune worker" not in line
 

@@ -180,10 +180,24 @@ def _train(
     return 0
 
 
+#: Seconds `poptune run` / `resume` waits for the workers holding a run to go before it says
+#: the run is being trained (those of a driver just killed are ending); the environment
+#: variable ``POPTUNE_LIVE_GRACE`` sets another.
+LIVE_GRACE = 10.0
+
+
 def _refuse_live(store: Storage, info: RunInfo, url: str) -> None:
     """A run that live workers train is not joined by running it again (its processes would
     silently train beside theirs, or a serial executor would fail to claim its members)."""
     holders = _live_holders(store, info)
+    if holders:
+        # The workers of a driver killed a moment ago end within seconds (they watch their
+        # parent; Ray ends its actors): `poptune resume` right after kill -9 waits for them.
+        grace = float(os.environ.get("POPTUNE_LIVE_GRACE") or LIVE_GRACE)
+        deadline = time.monotonic() + grace
+        while holders and time.monotonic() < deadline:
+            time.sleep(0.5)
+            holders = _live_holders(store, info)
     if not holders:
         return  # marked running, but whoever ran it is gone: this run resumes it
     name, flag = info.name, _storage_flag(url)
