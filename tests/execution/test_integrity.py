@@ -281,3 +281,15 @@ def test_a_damaged_file_rolls_back_only_members_no_other_worker_holds(env: Any) 
     assert bad not in {c.location for c in store.checkpoints("r")}
     (failure,) = store.failures("r")
     assert failure.member == 2 and failure.attempt == 0
+
+    # The same worker's batch held member 2 with the row read before: it meets the file too,
+    # after it was dealt with. Nothing more is recorded; member 2 is freed for a fresh claim.
+    with store.transaction("r") as tx:
+        tx.put_members([replace(after[2], owner="me", heartbeat=tx.now())])
+    with committing(store, "r") as tx:
+        stored = {r.id: r for r in tx.members()}
+        pbt = controller_from(exp, tx.run(), stored.values())
+        life.record_damaged(tx, pbt, 2, DamagedCheckpoint(bad, "test"), stored, keep_owner=False)
+    assert len(store.failures("r")) == 1 and len(store.events("r")) == 2
+    again = {r.id: r for r in store.members("r")}[2]
+    assert again.owner is None and again.checkpoint == old

@@ -706,8 +706,10 @@ class Lifecycle:
             f"{on_it} went back to {where}.\n"
         )
         blamed = owner if owner is not None and owner in stored else member
-        tx.add_failure(FailureRow(blamed, int(bad_step), 0, text, tx.now()))
-        _log_retry(text.strip())
+        if bad or on_it:  # else: found and dealt with already (a worker's batch held a row
+            # read before another member of the batch met the file); only the finder is freed
+            tx.add_failure(FailureRow(blamed, int(bad_step), 0, text, tx.now()))
+            _log_retry(text.strip())
         step = fallback.step if fallback is not None else 0
         changes: dict[int, dict[str, Any]] = {}
         events: list[dict[str, Any]] = []
