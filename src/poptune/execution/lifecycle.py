@@ -858,14 +858,32 @@ def committing(
     stop: _Stop | None = None
     entered = False
     try:
-        stack, tx = _begin(storage, name)
-        with deferred_interrupts(), stack:
-            check_identity(tx.run() if identity is not None else None, name, identity)
-            entered = True
-            try:
-                yield tx
-            except _Stop as e:
-                stop = e
+        # Ctrl-C is held back from the beginning of the transaction to its end (an interrupt
+        # between the two would leave it open, holding the run's lock), but not during the
+        # pauses of an outage: those are outside.
+        for pause in (*STORAGE_BACKOFF, None):
+            unavailable: StorageUnavailable | None = None
+            with deferred_interrupts():
+                stack = contextlib.ExitStack()
+                try:
+                    tx = stack.enter_context(storage.transaction(name))
+                except StorageUnavailable as e:
+                    if pause is None:
+                        raise
+                    unavailable = e
+                else:
+                    with stack:
+                        check_identity(tx.run() if identity is not None else None, name, identity)
+                        entered = True
+                        try:
+                            yield tx
+                        except _Stop as e:
+                            stop = e
+            if unavailable is None:
+                break
+            assert pause is not None
+            _log_retry(f"{unavailable}; trying again in {pause:g} s.")
+            time.sleep(pause)
     except StorageError:
         if not entered and identity is not None and storage.get_run(name) is None:
             check_identity(None, name, identity)  # deleted: RunReplaced, not "no such run"
@@ -884,29 +902,6 @@ def committing(
 #: Seconds waited before each new try to begin a transaction on a storage that cannot be used
 #: (`committing`): about a minute in all, then `StorageUnavailable` is raised.
 STORAGE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-
-
-def _begin(storage: Storage, name: str) -> tuple[contextlib.ExitStack, Transaction]:
-    """``storage.transaction(name)`` begun (and the stack that ends it), begun again after each
-    pause of `STORAGE_BACKOFF` while the storage cannot be used. Only the beginning is tried
-    again (nothing was written then), with Ctrl-C held back during each try but not during the
-    pauses: an interrupt during an outage is not held for a minute."""
-    for pause in (*STORAGE_BACKOFF, None):
-        stack = contextlib.ExitStack()
-        try:
-            with deferred_interrupts():
-                tx = stack.enter_context(storage.transaction(name))
-        except KeyboardInterrupt:
-            stack.close()  # it began as Ctrl-C came: rolled back, nothing written
-            raise
-        except StorageUnavailable as e:
-            if pause is None:
-                raise
-            _log_retry(f"{e}; trying again in {pause:g} s.")
-            time.sleep(pause)
-            continue
-        return stack, tx
-    raise AssertionError("unreachable")
 
 
 def _event(index: int, d: Decision, kind: str | None) -> Event:
