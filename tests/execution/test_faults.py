@@ -19,6 +19,7 @@ from helpers import SOURCE, check_complete, check_exact, experiment
 
 import poptune as pt
 from poptune.storage import open_storage
+from poptune.storage.leases import process_state as proc_state
 
 pytestmark = pytest.mark.slow
 
@@ -176,15 +177,6 @@ def test_serial_run_killed_and_resumed_has_identical_history(env: Any, tmp_path:
     ]
     assert resumed.events == uninterrupted.events
     assert resumed.members == uninterrupted.members
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter ``/proc/PID/stat`` shows (R, S, T: stopped, Z...); None: no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return None
 
 
 def held_by(url: str, pid: int) -> list[int]:

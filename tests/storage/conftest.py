@@ -14,6 +14,7 @@ import pytest
 
 import poptune
 from poptune.storage import Storage, leases, open_storage
+from poptune.storage.leases import process_state as proc_state
 
 #: Every backend; the conformance suite runs against each.
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -56,15 +57,6 @@ def storage(storage_url: str) -> Iterator[Storage]:
 
 
 # -- processes, for the liveness rules ----------------------------------------------------------
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter ``/proc/PID/stat`` shows (R, S, Z...), or None if there is no such file."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return None
 
 
 @pytest.fixture

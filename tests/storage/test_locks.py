@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 
 import poptune
 from poptune.storage import LockTimeout, TransactionLost, locks, open_storage
+from poptune.storage.leases import process_state as proc_state
 from poptune.storage.sql import SQLStorage
 
 #: A child that opens the storage, writes in a transaction of RUN, then stops itself (SIGSTOP)
@@ -40,15 +41,6 @@ with open_storage(url) as store:
         else:
             time.sleep(float(how))
 """
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter ``/proc/PID/stat`` shows (T: stopped); None: no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return None
 
 
 pytestmark = pytest.mark.skipif(

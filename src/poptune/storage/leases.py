@@ -168,6 +168,19 @@ def from_local_process(owner: str | None, pid: int) -> bool:
     return identity is not None and identity.pid == pid and same_process_namespace(owner)
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter ``/proc/PID/stat`` shows for process ``pid`` (R, S, T: stopped, Z:
+    zombie...), or None where it cannot be read (no such process, no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "PID (COMM) STATE ...": COMM may itself hold spaces and parentheses.
+    fields = stat.rpartition(")")[2].split()
+    return fields[0] if fields else None
+
+
 def process_alive(pid: int) -> bool | None:
     """Whether process ``pid`` of this PID namespace is running.
 
@@ -184,16 +197,9 @@ def process_alive(pid: int) -> bool | None:
     if pid == os.getpid():
         return True
     if _probe()[1]:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            pass  # gone, or hidden from us (hidepid): os.kill below tells which
-        else:
-            # "PID (COMM) STATE ...": COMM may itself hold spaces and parentheses.
-            fields = stat.rpartition(")")[2].split()
-            if fields:
-                return fields[0] not in ("Z", "X", "x")
+        state = process_state(pid)
+        if state is not None:  # else gone, or hidden from us (hidepid): os.kill tells which
+            return state not in ("Z", "X", "x")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

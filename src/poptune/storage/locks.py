@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poptune.storage.base import LockTimeout
-from poptune.storage.leases import namespace_id
+from poptune.storage.leases import namespace_id, process_state
 
 try:
     import fcntl
@@ -121,16 +121,6 @@ class Holder:
         return f"process {self.pid} on {self.host} ({what}, for {time.time() - self.since:.1f} s)"
 
 
-def _proc_state(pid: int) -> str | None:
-    """The state letter of ``/proc/PID/stat`` (R, S, T...), or None where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[0] if fields else None
-
-
 def _holds_flock(pid: int, inode: int) -> bool:
     """Whether ``/proc/locks`` shows process ``pid`` holding a ``flock`` on inode ``inode``."""
     try:
@@ -160,7 +150,7 @@ def frozen_holder(holder: Holder | None, run: str | None, bound: float, inode: i
         return False
     if time.time() - holder.since <= bound:
         return False
-    if _proc_state(holder.pid) not in ("T", "t"):
+    if process_state(holder.pid) not in ("T", "t"):
         return False
     return _holds_flock(holder.pid, inode)
 
